@@ -1,0 +1,159 @@
+"""Holes and loss weights: centre (train.lua), random block (paper §3.3), random region
+(train_random.lua) and user-supplied masks. Pure numpy/torch; no Ray.
+
+Conventions: a *hole* is a boolean (H, W) array, True where pixels are hidden from the generator
+and filled with the dataset's mean pixel. *Weights* multiply the squared (or absolute) error of
+the prediction: lambda_rec inside the hole, overlap_weight * lambda_rec on visible context that is
+still predicted (the centre ring; the context of full-image variants).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ce_ray.errors import UserError
+
+# train.lua fills the hole with the ImageNet mean pixel (117, 104, 123), mapped to [-1, 1].
+MEAN_PIXEL_RGB = (117, 104, 123)
+MEAN_PIXEL_FILL = tuple(2.0 * v / 255.0 - 1.0 for v in MEAN_PIXEL_RGB)
+
+# train_random.lua: a 600x600 uniform noise image upscaled bicubically to 10000x10000 and
+# thresholded at 0.25; each noise cell spans 10000/600 ~ 16.7 output pixels.
+REGION_NOISE_CELLS = 600
+REGION_PATTERN_SIZE = 10000
+REGION_THRESHOLD = 0.25
+REGION_MAX_TRIES = 200
+
+
+def center_box(size: int) -> tuple[int, int]:
+    """(start, stop) of the centre target region: `img[:, :, 32:96, 32:96]` for a 128 crop."""
+    return size // 4, size - size // 4
+
+
+def center_hole(size: int, overlap: int) -> np.ndarray:
+    """The filled part of the centre region: its inner square, `overlap` px in from each side."""
+    lo, hi = center_box(size)
+    hole = np.zeros((size, size), dtype=bool)
+    hole[lo + overlap : hi - overlap, lo + overlap : hi - overlap] = True
+    return hole
+
+
+def center_weights(size: int, overlap: int, lambda_rec: float, overlap_weight: float) -> torch.Tensor:
+    """(S/2, S/2) loss weights over the predicted centre patch: the visible ring counts
+    `overlap_weight` times the filled interior (train.lua's overlapL2Weight). lambda_rec is
+    applied here, once, and nowhere else."""
+    lo, hi = center_box(size)
+    n = hi - lo
+    w = torch.full((n, n), overlap_weight * lambda_rec)
+    w[overlap : n - overlap, overlap : n - overlap] = lambda_rec
+    return w
+
+
+def full_weights(hole: torch.Tensor, lambda_rec: float, overlap_weight: float) -> torch.Tensor:
+    """Weights for a full-image prediction: lambda_rec in the hole, overlap_weight * lambda_rec on
+    the visible context (train_random.lua with overlap on). `hole`: (..., H, W) bool or {0, 1}."""
+    h = hole.to(torch.float32)
+    return lambda_rec * (h + overlap_weight * (1.0 - h))
+
+
+def fill_hole(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Replace hole pixels with the mean-pixel fill. images: (B, 3, H, W) in [-1, 1];
+    hole: (H, W) or (B, 1, H, W), bool or {0, 1}. Returns a new tensor."""
+    fill = torch.tensor(MEAN_PIXEL_FILL, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    h = hole.to(device=images.device, dtype=torch.bool)
+    if h.dim() == 2:
+        h = h[None, None]
+    return torch.where(h, fill, images)
+
+
+def fill_hole_np(images: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """numpy twin of `fill_hole` for data workers: images (B, 3, H, W) float32, hole (B, 1, H, W)."""
+    fill = np.asarray(MEAN_PIXEL_FILL, dtype=images.dtype).reshape(1, 3, 1, 1)
+    return np.where(hole.astype(bool), fill, images)
+
+
+def random_block_hole(size: int, rng: np.random.Generator, max_coverage: float = 0.25, num_blocks: int = 5) -> np.ndarray:
+    """Paper §3.3: several smaller, possibly overlapping square-ish blocks covering at most
+    `max_coverage` of the image. Always at least one block."""
+    hole = np.zeros((size, size), dtype=bool)
+    budget = max_coverage * size * size
+    count = int(rng.integers(1, num_blocks + 1))
+    for i in range(count):
+        # Sides between 1/8 and 1/3 of the image: "smaller" than the centre block.
+        bh = int(rng.integers(size // 8, size // 3 + 1))
+        bw = int(rng.integers(size // 8, size // 3 + 1))
+        y, x = int(rng.integers(0, size - bh + 1)), int(rng.integers(0, size - bw + 1))
+        trial = hole.copy()
+        trial[y : y + bh, x : x + bw] = True
+        if trial.sum() > budget:
+            if i == 0:  # shrink the first block so there is always a hole within the budget
+                side = int(np.sqrt(budget))
+                trial = hole.copy()
+                trial[y : y + min(bh, side), x : x + min(bw, side)] = True
+            else:
+                break
+        hole = trial
+    return hole
+
+
+def _region_field(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A `size`x`size` window of the authors' smooth noise pattern, generated locally: the same
+    noise-cell scale (10000/600 px per cell) without building the 10000x10000 image."""
+    scale = REGION_PATTERN_SIZE / REGION_NOISE_CELLS
+    cells = int(np.ceil(size / scale)) + 4  # margin so bicubic edges stay outside the window
+    noise = torch.from_numpy(rng.random((1, 1, cells, cells), dtype=np.float32))
+    up = F.interpolate(noise, scale_factor=scale, mode="bicubic", align_corners=False)[0, 0].numpy()
+    y = int(rng.integers(0, up.shape[0] - size + 1))
+    x = int(rng.integers(0, up.shape[1] - size + 1))
+    return up[y : y + size, x : x + size]
+
+
+def random_region_hole(size: int, rng: np.random.Generator, region_min: float = 0.20, region_max: float = 0.30) -> np.ndarray:
+    """train_random.lua: threshold the smooth noise pattern at 0.25 and resample the window until
+    20-30 % of it is hidden. After REGION_MAX_TRIES windows, threshold the last window at the
+    quantile that hides the middle of the range, so the call always returns in bounded time."""
+    for _ in range(REGION_MAX_TRIES):
+        field = _region_field(size, rng)
+        hole = field < REGION_THRESHOLD
+        if region_min <= hole.mean() <= region_max:
+            return hole
+    return field < np.quantile(field, (region_min + region_max) / 2)
+
+
+def hole_from_image(mask: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A user mask image (white = hole) as a bool hole. `mask`: (H, W) or (H, W, C) array;
+    `size`: the (H, W) it must match, if given."""
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., :3].max(axis=-1) if m.shape[-1] >= 3 else m[..., 0]
+    if m.ndim != 2:
+        raise UserError(f"mask must be a 2-D image, got shape {tuple(np.asarray(mask).shape)}")
+    if size is not None and tuple(m.shape) != tuple(size):
+        raise UserError(f"mask is {m.shape[1]}x{m.shape[0]} but the image is {size[1]}x{size[0]}; send a mask of the same size")
+    thresh = 127 if m.dtype == np.uint8 or m.max() > 1 else 0.5
+    return m > thresh
+
+
+def make_hole(kind: str, size: int, rng: np.random.Generator, *, overlap: int = 4, max_coverage: float = 0.25,
+              num_blocks: int = 5, region_min: float = 0.2, region_max: float = 0.3) -> np.ndarray:
+    """One (size, size) hole of the configured kind (MaskConfig.kind)."""
+    if kind == "center":
+        return center_hole(size, overlap)
+    if kind == "random_block":
+        return random_block_hole(size, rng, max_coverage, num_blocks)
+    if kind == "random_region":
+        return random_region_hole(size, rng, region_min, region_max)
+    raise UserError(f"unknown mask kind {kind!r}; use center, random_block or random_region")
+
+
+def holes_for(mask_cfg, size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 1, size, size) float32 holes for a batch, from a `MaskConfig`."""
+    if mask_cfg.kind == "center":  # identical for every image: build once
+        return np.broadcast_to(center_hole(size, mask_cfg.overlap), (n, 1, size, size)).astype(np.float32)
+    out = np.empty((n, 1, size, size), dtype=np.float32)
+    for i in range(n):
+        out[i, 0] = make_hole(mask_cfg.kind, size, rng, overlap=mask_cfg.overlap, max_coverage=mask_cfg.max_coverage,
+                              num_blocks=mask_cfg.num_blocks, region_min=mask_cfg.region_min, region_max=mask_cfg.region_max)
+    return out

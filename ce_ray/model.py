@@ -1,0 +1,155 @@
+"""Context Encoder generator and discriminator (Pathak et al. 2016, PAPER.md table; authors'
+train.lua / train_random.lua), the channel-wise fully-connected bottleneck (paper §3.1) and the
+paper's initialisation. Pure torch; no Ray.
+
+Order: blocks -> models -> builders. All kernels are 4x4; conv biases are off because the authors
+zero them every step (`bias=False` is the same thing without the work).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ce_ray.config import ModelConfig
+
+LEAK = 0.2  # LeakyReLU slope in encoder and discriminator
+INIT_STD = 0.02  # N(0, 0.02) conv weights; BN gamma ~ N(1, 0.02)
+KERNEL = 4
+
+
+def down(cin: int, cout: int, bn: bool = True) -> nn.Sequential:
+    """4x4 stride-2 conv halving H and W, [BN], LeakyReLU(0.2)."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, KERNEL, 2, 1, bias=False)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    layers.append(nn.LeakyReLU(LEAK, inplace=True))
+    return nn.Sequential(*layers)
+
+
+def up(cin: int, cout: int) -> nn.Sequential:
+    """4x4 stride-2 transposed conv doubling H and W, BN, ReLU."""
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, KERNEL, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ChannelWiseFC(nn.Module):
+    """Paper §3.1: each of the m feature maps (n x n) is fully connected to itself, with no
+    weights across maps: m * n^4 parameters instead of m^2 * n^4 for a full FC layer."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.weight = nn.Parameter(torch.empty(channels, size * size, size * size))  # (m, n², n²)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, m, n, n) -> (B, m, n, n)
+        b = x.shape[0]
+        y = torch.einsum("bmi,mio->bmo", x.reshape(b, self.channels, -1), self.weight)
+        return y.reshape(b, self.channels, self.size, self.size)
+
+
+class Generator(nn.Module):
+    """Encoder -> bottleneck -> decoder. variant 'center': 3x128x128 context -> 3x64x64 centre
+    patch (train.lua). variant 'full': -> 3x128x128 image (train_random.lua's extra up-conv)."""
+
+    def __init__(self, variant: str = "center", bottleneck: int = 4000, ngf: int = 64, channel_wise_fc: bool = False):
+        super().__init__()
+        self.variant = variant
+        c = ngf
+        self.encoder = nn.Sequential(
+            down(3, c, bn=False),  # E1 (B, 64, 64, 64): no BN on the first layer (DCGAN practice)
+            down(c, c),  # E2 (B, 64, 32, 32)
+            down(c, 2 * c),  # E3 (B, 128, 16, 16)
+            down(2 * c, 4 * c),  # E4 (B, 256, 8, 8)
+            down(4 * c, 8 * c),  # E5 (B, 512, 4, 4)
+        )
+        if channel_wise_fc:
+            # §3.1: channel-wise FC on the 4x4 maps, then a stride-1 conv to mix channels.
+            self.bottleneck = nn.Sequential(
+                ChannelWiseFC(8 * c, 4), nn.BatchNorm2d(8 * c), nn.LeakyReLU(LEAK, inplace=True),
+                nn.Conv2d(8 * c, 8 * c, 1, bias=False), nn.BatchNorm2d(8 * c), nn.ReLU(inplace=True),
+            )  # (B, 512, 4, 4)
+        else:
+            self.bottleneck = nn.Sequential(
+                nn.Conv2d(8 * c, bottleneck, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(bottleneck), nn.LeakyReLU(LEAK, inplace=True),  # E6 (B, 4000, 1, 1)
+                nn.ConvTranspose2d(bottleneck, 8 * c, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(8 * c), nn.ReLU(inplace=True),  # D1 (B, 512, 4, 4)
+            )
+        layers = [up(8 * c, 4 * c), up(4 * c, 2 * c), up(2 * c, c)]  # D2-D4 -> (B, 64, 32, 32)
+        if variant == "full":
+            layers.append(up(c, c))  # train_random.lua's extra up-conv -> (B, 64, 64, 64)
+        layers += [nn.ConvTranspose2d(c, 3, KERNEL, 2, 1, bias=False), nn.Tanh()]  # D5 -> (B, 3, 64|128, 64|128)
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.bottleneck(self.encoder(x)))
+
+
+class Discriminator(nn.Module):
+    """Unconditional patch critic: sees only the predicted region (64x64 centre, or the whole
+    128x128 image for the full variant, which gets one extra stride-2 conv). Returns logits (B,)
+    so the loss can use BCEWithLogits (numerically safe, autocast-safe)."""
+
+    def __init__(self, in_size: int = 64, ndf: int = 64):
+        super().__init__()
+        c = ndf
+        layers = [down(3, c, bn=False)]  # (B, 64, S/2, S/2)
+        if in_size == 128:
+            layers.append(down(c, c))  # train_random.lua's extra conv: 128 -> the 64 path
+        layers += [down(c, 2 * c), down(2 * c, 4 * c), down(4 * c, 8 * c)]  # (B, 512, 4, 4)
+        layers.append(nn.Conv2d(8 * c, 1, KERNEL, 1, 0, bias=False))  # (B, 1, 1, 1)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """The paper's (DCGAN) init: conv weights N(0, 0.02); BN gamma N(1, 0.02), beta 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
+        elif isinstance(m, ChannelWiseFC):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, INIT_STD)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def build_generator(cfg: ModelConfig) -> Generator:
+    return init_weights(Generator(cfg.variant, cfg.bottleneck, cfg.ngf, cfg.channel_wise_fc))
+
+
+def build_discriminator(cfg: ModelConfig, fine_size: int = 128) -> Discriminator:
+    in_size = fine_size // 2 if cfg.variant == "center" else fine_size
+    return init_weights(Discriminator(in_size, cfg.ndf))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the conv / FC layers for one forward of one sample (the model
+    FLOPs used for throughput and utilisation figures; BN and activations are not counted)."""
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            total += out[0].numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.ConvTranspose2d):
+            total += inp[0][0].numel() * mod.out_channels * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, ChannelWiseFC):
+            total += mod.weight.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, ChannelWiseFC))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
