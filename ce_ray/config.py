@@ -97,7 +97,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
-    channels_last: bool = True  # NHWC activations: faster oneDNN / cuDNN convolutions
+    channels_last: bool = False  # NHWC activations: helps cuDNN on GPU; measured slower on this CPU
     compile: bool = False  # torch.compile the step's models (GPU benchmarks)
     samples: int = 8  # images in each eval picture grid
     output_dir: str = "outputs"  # local trainer: checkpoints and grids go under output_dir/run_name

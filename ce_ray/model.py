@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ce_ray.config import ModelConfig
 
@@ -32,6 +33,30 @@ def up(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, KERNEL, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class DenseConv(nn.Conv2d):
+    """A 4x4 valid conv on a 4x4 input (E6: 512x4x4 -> 4000x1x1), run as the matrix product it
+    is. Same weight tensor, same maths; oneDNN's convolution backward for this shape ran ~20x
+    slower than the equivalent GEMM on CPU and dominated the whole step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, 4, 4) -> (B, Cout, 1, 1)
+        if x.shape[-2:] != self.kernel_size:
+            return super().forward(x)
+        y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1))
+        return y[:, :, None, None]
+
+
+class DenseConvTranspose(nn.ConvTranspose2d):
+    """The decoder's first layer (D1: 4000x1x1 -> 512x4x4) as the matrix product it is; see
+    DenseConv. Weight layout (Cin, Cout, 4, 4) is unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, 1, 1) -> (B, Cout, 4, 4)
+        if x.shape[-2:] != (1, 1):
+            return super().forward(x)
+        w = self.weight.reshape(self.in_channels, -1)  # (Cin, Cout*16)
+        y = F.linear(x.reshape(x.shape[0], -1), w.t())
+        return y.reshape(x.shape[0], self.out_channels, *self.kernel_size)
+
+
 class ChannelWiseFC(nn.Module):
     """Paper §3.1: each of the m feature maps (n x n) is fully connected to itself, with no
     weights across maps: m * n^4 parameters instead of m^2 * n^4 for a full FC layer."""
@@ -51,8 +76,11 @@ class Generator(nn.Module):
     """Encoder -> bottleneck -> decoder. variant 'center': 3x128x128 context -> 3x64x64 centre
     patch (train.lua). variant 'full': -> 3x128x128 image (train_random.lua's extra up-conv)."""
 
-    def __init__(self, variant: str = "center", bottleneck: int = 4000, ngf: int = 64, channel_wise_fc: bool = False):
+    def __init__(self, variant: str = "center", bottleneck: int = 4000, ngf: int = 64, channel_wise_fc: bool = False,
+                 dense_bottleneck: bool = True):
         super().__init__()
+        # dense_bottleneck=False builds E6/D1 as plain conv layers, as the ports do (benchmarks).
+        conv, convt = (DenseConv, DenseConvTranspose) if dense_bottleneck else (nn.Conv2d, nn.ConvTranspose2d)
         self.variant = variant
         c = ngf
         self.encoder = nn.Sequential(
@@ -70,8 +98,8 @@ class Generator(nn.Module):
             )  # (B, 512, 4, 4)
         else:
             self.bottleneck = nn.Sequential(
-                nn.Conv2d(8 * c, bottleneck, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(bottleneck), nn.LeakyReLU(LEAK, inplace=True),  # E6 (B, 4000, 1, 1)
-                nn.ConvTranspose2d(bottleneck, 8 * c, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(8 * c), nn.ReLU(inplace=True),  # D1 (B, 512, 4, 4)
+                conv(8 * c, bottleneck, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(bottleneck), nn.LeakyReLU(LEAK, inplace=True),  # E6 (B, 4000, 1, 1)
+                convt(bottleneck, 8 * c, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(8 * c), nn.ReLU(inplace=True),  # D1 (B, 512, 4, 4)
             )
         layers = [up(8 * c, 4 * c), up(4 * c, 2 * c), up(2 * c, c)]  # D2-D4 -> (B, 64, 32, 32)
         if variant == "full":

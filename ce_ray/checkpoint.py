@@ -1,0 +1,196 @@
+"""The one checkpoint format: a self-describing directory read by train, tune, evaluate, inpaint
+and serve. Pure torch (MLflow is imported lazily, only to resolve models:/ and runs:/ URIs).
+
+    <dir>/meta.json   format, step, resolved config, metrics (human-readable)
+    <dir>/model.pt    {"G": state_dict, "D": state_dict}
+    <dir>/optim.pt    optimiser + grad-scaler states (absent in exported models)
+    <dir>/rng.pt      torch / numpy / python RNG states of the writing process
+
+Every load uses `torch.load(weights_only=True)`: a checkpoint can never execute code. A directory
+is written beside its destination and renamed into place, so a crash never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ce_ray import config as C
+from ce_ray.errors import UserError
+from ce_ray.model import build_discriminator, build_generator
+
+FORMAT_VERSION = 1
+META_FILE, MODEL_FILE, OPTIM_FILE, RNG_FILE = "meta.json", "model.pt", "optim.pt", "rng.pt"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    config: C.Config
+    G: dict[str, torch.Tensor]
+    D: dict[str, torch.Tensor]
+    optim: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass
+class LoadedGenerator:
+    model: nn.Module  # eval mode, on the requested device
+    config: C.Config
+    step: int
+    metrics: dict[str, float]
+    source: str  # the URI or path it came from
+
+
+def capture_rng() -> dict[str, Any]:
+    """All global RNG states as tensors / plain Python values (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)  # MT19937: {"state": {"key": uint32 array, "pos"}, ...}
+    np_state = {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                      "pos": int(np_state["state"]["pos"])}}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np_state,
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np_state["state"]["key"].numpy().astype(np.uint32), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_dir_atomically(dest: Path, fill) -> Path:
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        fill(tmp)
+        if dest.exists():  # replace: move the old one aside first, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def save(path: str | os.PathLike, *, G: nn.Module, D: nn.Module, step: int, config: C.Config,
+         optim: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, rng: bool = True) -> Path:
+    """Write a checkpoint directory at `path` (replacing any previous one). G/D may be wrapped."""
+    from ce_ray.step import unwrap  # late: step imports nothing from here, keep the graph acyclic
+
+    def fill(tmp: Path) -> None:
+        torch.save({"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict()}, tmp / MODEL_FILE)
+        if optim is not None:
+            torch.save(optim, tmp / OPTIM_FILE)
+        if rng:
+            torch.save(capture_rng(), tmp / RNG_FILE)
+        meta = {"format": FORMAT_VERSION, "step": int(step), "config": C.to_dict(config),
+                "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    return _write_dir_atomically(Path(path), fill)
+
+
+def _torch_load(p: Path, map_location) -> Any:
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt / truncated / not ours
+        raise UserError(f"cannot read checkpoint file {str(p)!r}: {e}") from None
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / META_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not is_checkpoint(p):
+        raise UserError(f"{str(p)!r} is not a ce-ray checkpoint directory (needs {META_FILE} and {MODEL_FILE})")
+    meta = json.loads((p / META_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {str(p)!r} has format {meta.get('format')!r}; this ce-ray reads format {FORMAT_VERSION}")
+    return meta
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", with_optim: bool = True) -> Checkpoint:
+    p = Path(path)
+    meta = read_meta(p)
+    weights = _torch_load(p / MODEL_FILE, map_location)
+    optim = _torch_load(p / OPTIM_FILE, map_location) if with_optim and (p / OPTIM_FILE).is_file() else None
+    rng = _torch_load(p / RNG_FILE, "cpu") if (p / RNG_FILE).is_file() else None
+    return Checkpoint(step=meta["step"], config=C.from_dict(meta["config"]), G=weights["G"], D=weights["D"],
+                      optim=optim, rng=rng, metrics=meta.get("metrics", {}), path=p)
+
+
+def find_checkpoint_dir(root: Path) -> Path | None:
+    """The checkpoint directory at or below `root` (MLflow model artifacts nest it)."""
+    if is_checkpoint(root):
+        return root
+    for meta in sorted(root.rglob(META_FILE)):
+        if is_checkpoint(meta.parent):
+            return meta.parent
+    return None
+
+
+def resolve(uri: str) -> Path:
+    """A local checkpoint directory for a path, `models:/name/version`, `models:/name@alias` or
+    `runs:/<run_id>/<artifact path>` URI (MLflow ones are downloaded through the tracking URI)."""
+    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except Exception as e:
+            raise UserError(f"cannot fetch {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {e}. "
+                            "Check the name/version and MLFLOW_TRACKING_URI") from None
+    else:
+        local = Path(uri).expanduser()
+        if not local.exists():
+            raise UserError(f"model {uri!r} not found: pass a checkpoint directory, models:/name/version or runs:/id/path")
+    found = find_checkpoint_dir(local)
+    if found is None:
+        raise UserError(f"no ce-ray checkpoint (meta.json + model.pt) found in {uri!r}")
+    return found
+
+
+def load_generator(uri: str, device: str | torch.device = "cpu") -> LoadedGenerator:
+    """The generator of a checkpoint, in eval mode, ready for inference."""
+    ckpt = load(resolve(uri), map_location="cpu", with_optim=False)
+    G = build_generator(ckpt.config.model)
+    G.load_state_dict(ckpt.G)
+    G.to(device).eval()
+    return LoadedGenerator(model=G, config=ckpt.config, step=ckpt.step, metrics=ckpt.metrics, source=str(uri))
+
+
+def load_models(ckpt: Checkpoint) -> tuple[nn.Module, nn.Module]:
+    """Fresh G and D with a checkpoint's weights (CPU, train mode)."""
+    G, D = build_generator(ckpt.config.model), build_discriminator(ckpt.config.model, ckpt.config.data.fine_size)
+    G.load_state_dict(ckpt.G)
+    D.load_state_dict(ckpt.D)
+    return G, D

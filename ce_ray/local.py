@@ -1,0 +1,93 @@
+"""The no-Ray runner: the same per-worker loop (loop.py) in one process, world size 1. For
+debugging, for hosts without Ray (GPU benchmarks), and for quick CPU runs.
+
+Layout of a run: <train.output_dir>/<run name>/
+    checkpoints/step_0000200/   checkpoint directories (checkpoint.py), newest `scale.checkpoints_to_keep` kept
+    samples/*.png               eval picture grids (masked input | output | truth)
+    metrics.jsonl               one line per report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ce_ray import checkpoint as ckpt_io
+from ce_ray.config import Config
+from ce_ray.errors import UserError
+from ce_ray.loop import WorkerEnv, run
+from ce_ray.step import resolve_device
+
+
+def fresh_run_name() -> str:
+    return f"run-{secrets.token_hex(4)}"
+
+
+class FolderTracker:
+    """Keeps artifacts in the run folder (the local stand-in for MLflow)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass  # metrics.jsonl is written by the report function
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        dest = self.run_dir / (artifact_path or "") / Path(path).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if ckpt_io.is_checkpoint(p)) if root.is_dir() else []
+
+
+@dataclass
+class LocalResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, float]
+
+
+def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = False, tracker=None, log=print) -> LocalResult:
+    from ce_ray.local_data import LocalTrainStream, load_val  # pyarrow readers, no Ray
+
+    name = run_name or cfg.scale.run_name or fresh_run_name()
+    run_dir = Path(cfg.train.output_dir).resolve() / name
+    existing = checkpoints_in(run_dir)
+    if existing and not resume:
+        raise UserError(f"run {name!r} already has checkpoints in {run_dir}; pass --resume to continue it or choose a new run name")
+    restore = ckpt_io.load(existing[-1]) if (existing and resume) else None
+    if restore is not None:
+        log(f"resuming {name} from {existing[-1].name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    stream = LocalTrainStream(cfg, rank=0, world_size=1, seed=cfg.train.seed + (restore.step if restore else 0))
+    state: dict = {"checkpoint": existing[-1] if existing else None, "metrics": {}}
+
+    def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        state["metrics"] = metrics
+        if ckpt_dir is not None:
+            dest = run_dir / "checkpoints" / f"step_{int(metrics['step']):07d}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(ckpt_dir, dest.with_name(dest.name + ".tmp"), dirs_exist_ok=True)
+            os.replace(dest.with_name(dest.name + ".tmp"), dest)
+            state["checkpoint"] = dest
+            for old in checkpoints_in(run_dir)[: -cfg.scale.checkpoints_to_keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    env = WorkerEnv(train_batches=stream.epoch, val_data=lambda: load_val(cfg), report=report, restore=restore,
+                    device=device, tracker=tracker or FolderTracker(run_dir), log=log)
+    run(cfg, env)
+    if state["checkpoint"] is None:
+        raise UserError("training finished without writing a checkpoint")  # cannot happen: the last step always checkpoints
+    return LocalResult(run_dir=run_dir, checkpoint=state["checkpoint"], metrics=state["metrics"])

@@ -1,0 +1,114 @@
+"""Encoded photo -> training / validation sample: decode, resize to loadSize, random 128 crop,
+horizontal flip, [-1, 1], hole (train.lua's data path). Pure numpy/PIL; used by Ray Data
+(data.py), the no-Ray loader (local_data.py), evaluation and serving alike.
+
+Shard rows (written by prepare.py) carry the encoded image in IMAGE_COLUMN and a stable KEY_COLUMN;
+the train/val split is `split_of(key)`, a hash that never changes between runs or machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+from ce_ray.config import Config, MaskConfig
+from ce_ray.masks import holes_for
+
+IMAGE_COLUMN = "image_bytes"
+KEY_COLUMN = "key"
+VAL_FRACTION = 0.1  # default share of photos held out for validation
+
+
+def split_of(key: str, val_fraction: float = VAL_FRACTION) -> str:
+    """'train' or 'val' from a SHA-1 of the key: stable across runs, machines and Python versions
+    (unlike `hash()`)."""
+    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from any values, identical on every machine."""
+    return int.from_bytes(hashlib.sha1("|".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Encoded PNG/JPEG bytes -> (H, W, 3) uint8 RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def resize_shorter(rgb: np.ndarray, load_size: int) -> np.ndarray:
+    """Resize so the shorter side is `load_size` (train.lua's loadSize), keeping the aspect."""
+    h, w = rgb.shape[:2]
+    if min(h, w) == load_size:
+        return rgb
+    s = load_size / min(h, w)
+    size = (max(load_size, round(w * s)), max(load_size, round(h * s)))  # PIL takes (W, H)
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC))
+
+
+def to_unit(rgb_crop: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    return rgb_crop.transpose(2, 0, 1).astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def to_uint8(chw: np.ndarray) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8. Rescaling here is what avoids the "saved too
+    dark" bug of the ports that wrote [-1, 1] tensors as images."""
+    return np.clip((np.asarray(chw).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def random_crops(rgb: np.ndarray, size: int, n: int, rng: np.random.Generator, flip: bool) -> list[np.ndarray]:
+    """`n` random `size` crops of one resized photo, each flipped horizontally with p=0.5."""
+    h, w = rgb.shape[:2]
+    out = []
+    for _ in range(n):
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        crop = rgb[y : y + size, x : x + size]
+        if flip and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(to_unit(crop))
+    return out
+
+
+def tiles(rgb: np.ndarray, size: int) -> list[np.ndarray]:
+    """Non-overlapping `size` tiles, row-major from the top-left: the deterministic validation /
+    evaluation crops (evaluate.py's folder protocol)."""
+    h, w = rgb.shape[:2]
+    return [rgb[y : y + size, x : x + size] for y in range(0, h - size + 1, size) for x in range(0, w - size + 1, size)]
+
+
+def train_batch(encoded: list[bytes], cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows of encoded photos -> {"image": (N, 3, S, S) float32 in [-1, 1], "hole": (N, 1, S, S)
+    float32 in {0, 1}}, with N = len(encoded) * cfg.data.repeat."""
+    d = cfg.data
+    crops: list[np.ndarray] = []
+    for data in encoded:
+        rgb = resize_shorter(decode(data), d.load_size)
+        crops += random_crops(rgb, d.fine_size, d.repeat, rng, d.flip)
+    images = np.stack(crops) if crops else np.zeros((0, 3, d.fine_size, d.fine_size), np.float32)
+    return {"image": images, "hole": holes_for(cfg.mask, d.fine_size, len(crops), rng)}
+
+
+def val_samples(encoded: bytes, key: str, cfg: Config) -> dict[str, np.ndarray]:
+    """Every tile of one val photo, with holes seeded by (key, tile index): the same crops and
+    masks in every run, so validation metrics are comparable across runs."""
+    d = cfg.data
+    rgb = resize_shorter(decode(encoded), d.load_size)
+    ts = tiles(rgb, d.fine_size)
+    holes = [holes_for(cfg.mask, d.fine_size, 1, np.random.default_rng(stable_seed(key, i)))[0] for i in range(len(ts))]
+    return {"image": np.stack([to_unit(t) for t in ts]), "hole": np.stack(holes)}
+
+
+def fixed_holes(mask: MaskConfig, size: int, n: int, seed: int) -> np.ndarray:
+    """n deterministic holes (evaluation)."""
+    return holes_for(mask, size, n, np.random.default_rng(seed))
