@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -82,8 +83,6 @@ def validate(G: nn.Module, val: Batch, cfg: Config, device: torch.device) -> tup
             first = out[: cfg.train.samples].cpu()
         for k, v in hole_errors(out.cpu(), x.cpu(), h.cpu()).items():
             errs[k].append(v)
-    import numpy as np
-
     summary = summarize({k: np.concatenate(v) for k, v in errs.items()})
     return {f"val_{k}": v for k, v in summary.items()}, first
 
@@ -143,8 +142,9 @@ def run(cfg: Config, env: WorkerEnv) -> dict[str, float]:
         step += 1
         window_imgs += images.shape[0]
         final = step >= t.steps
-        do_eval = step % t.eval_every == 0 or final
         do_ckpt = step % t.ckpt_every == 0 or final
+        # Validate at every checkpoint too: the "best" checkpoint is chosen by val_l2.
+        do_eval = step % t.eval_every == 0 or do_ckpt
         if not (step % t.log_every == 0 or do_eval or do_ckpt):
             continue
         now = time.perf_counter()
