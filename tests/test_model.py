@@ -1,0 +1,84 @@
+"""Generator / discriminator shapes, parameter counts (PAPER.md), init, channel-wise FC."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ce_ray.config import ModelConfig
+from ce_ray.model import ChannelWiseFC, DenseConv, DenseConvTranspose, Generator, build_discriminator, build_generator, conv_macs, count_params
+
+
+def test_paper_parameter_counts_and_macs():
+    G, D = build_generator(ModelConfig()), build_discriminator(ModelConfig())
+    assert count_params(G) == pytest.approx(71.1e6, rel=0.005)
+    assert count_params(D) == pytest.approx(2.77e6, rel=0.005)
+    bottleneck = G.bottleneck
+    assert bottleneck[0].weight.numel() == 512 * 4000 * 16  # E6: 32.8M
+    assert bottleneck[3].weight.numel() == 4000 * 512 * 16  # D1: 32.8M
+    assert conv_macs(G, (3, 128, 128)) / 1e9 == pytest.approx(0.35, rel=0.01)
+    assert conv_macs(D, (3, 64, 64)) / 1e9 == pytest.approx(0.10, rel=0.05)
+
+
+CONFIGS = [
+    (ModelConfig(bottleneck=32, ngf=8, ndf=8), (3, 64, 64), 64),
+    (ModelConfig(variant="full", bottleneck=32, ngf=8, ndf=8), (3, 128, 128), 128),
+    (ModelConfig(channel_wise_fc=True, ngf=8, ndf=8), (3, 64, 64), 64),
+]
+
+
+@pytest.mark.parametrize("cfg, out_shape, d_in", CONFIGS, ids=["center", "full", "channel_wise_fc"])
+def test_forward_backward(cfg, out_shape, d_in):
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    y = G(x)
+    assert y.shape == (2, *out_shape)
+    assert y.abs().max() <= 1  # tanh output in [-1, 1]
+    logits = D(y)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in G.parameters())
+    assert D(torch.zeros(2, 3, d_in, d_in)).shape == (2,)
+
+
+def test_no_conv_biases_and_paper_init():
+    G = build_generator(ModelConfig())
+    for m in G.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            assert m.bias is None  # the authors zero them every step
+    w = G.encoder[1][0].weight
+    assert w.std().item() == pytest.approx(0.02, rel=0.1)
+    bn = G.encoder[1][1]
+    assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert bn.bias.abs().max().item() == 0
+    assert isinstance(G.encoder[0][1], nn.LeakyReLU)  # E1 has no BN
+
+
+def test_dense_bottleneck_equals_plain_convolution():
+    conv = DenseConv(16, 10, 4, 1, 0, bias=False)
+    x = torch.randn(3, 16, 4, 4)
+    assert torch.allclose(conv(x), nn.functional.conv2d(x, conv.weight), atol=1e-5)
+    convt = DenseConvTranspose(10, 16, 4, 1, 0, bias=False)
+    z = torch.randn(3, 10, 1, 1)
+    assert torch.allclose(convt(z), nn.functional.conv_transpose2d(z, convt.weight), atol=1e-5)
+    # The fast and the port's layout give the same generator output from the same weights.
+    torch.manual_seed(0)
+    fast = Generator(bottleneck=32, ngf=8)
+    slow = Generator(bottleneck=32, ngf=8, dense_bottleneck=False)
+    slow.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, 128, 128)
+    assert torch.allclose(fast(x), slow(x), atol=1e-5)
+
+
+def test_channel_wise_fc_has_no_cross_channel_weights():
+    fc = ChannelWiseFC(256, 6)
+    assert fc.weight.numel() == 256 * 6**4 == 331_776  # m n^4 (paper §3.1), vs 84,934,656 for a full FC
+    x = torch.zeros(1, 256, 6, 6)
+    x[0, 5] = torch.randn(6, 6)
+    y = fc(x)
+    assert y[0, :5].abs().sum() == 0 and y[0, 6:].abs().sum() == 0  # channel 5 only reaches channel 5
+
+
+def test_sync_batchnorm_conversion():
+    G = nn.SyncBatchNorm.convert_sync_batchnorm(build_generator(ModelConfig(bottleneck=32, ngf=8)))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in G.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in G.modules())
