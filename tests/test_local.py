@@ -1,0 +1,45 @@
+"""The no-Ray local runner: the shared loop on the bundled photos, checkpoints, grids, resume."""
+
+import json
+
+import pytest
+
+import ce_ray.config as C
+from ce_ray import checkpoint as ck
+from ce_ray.errors import UserError
+from ce_ray.local import train_local
+
+
+def tiny(shards, out, **train):
+    return C.load("tune_configs/smoke.yaml", [f"data.shards={shards}", f"train.output_dir={out}", "mlflow.enabled=false",
+                                              *(f"train.{k}={v}" for k, v in train.items())])
+
+
+def test_local_trainer_runs_on_bundled_photos(bundled_shards, tmp_path):
+    cfg = tiny(bundled_shards, tmp_path)
+    logs = []
+    res = train_local(cfg, run_name="t1", log=logs.append)
+    assert res.checkpoint.name == "step_0000006"
+    loaded = ck.load(res.checkpoint)
+    assert loaded.step == 6 and loaded.config == cfg and loaded.optim is not None
+    assert {"val_l1", "val_l2", "val_psnr"} <= set(loaded.metrics)
+    assert sorted(p.name for p in (res.run_dir / "samples").glob("*.png")) == ["samples_step0000003.png", "samples_step0000006.png"]
+    lines = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 3, 4, 6]
+    assert any("step 6/6" in line and "img/s" in line and "ETA" in line for line in logs)
+    # keeps scale.checkpoints_to_keep (2) newest
+    assert [p.name for p in sorted((res.run_dir / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
+
+
+def test_fresh_run_never_resumes_by_accident_and_resume_continues(bundled_shards, tmp_path):
+    cfg = tiny(bundled_shards, tmp_path, steps=3)
+    train_local(cfg, run_name="r", log=lambda s: None)
+    with pytest.raises(UserError, match="--resume"):
+        train_local(cfg, run_name="r", log=lambda s: None)
+    more = C.replace(cfg, train={"steps": 6})
+    logs = []
+    res = train_local(more, run_name="r", resume=True, log=logs.append)
+    assert logs[0].startswith("resuming r from step_0000003")
+    assert ck.load(res.checkpoint).step == 6
+    steps = [json.loads(l)["step"] for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4, 6]  # 1-3 from the first run, 4-6 after resuming: no step repeated
