@@ -4,18 +4,21 @@ train.lua's data path (decode -> random 128 crop -> horizontal flip -> [-1, 1] -
 streaming Ray Data pipeline feeding any number of Ray Train workers through
 `get_dataset_shard("train")` (Train splits it with `streaming_split(world_size, equal=True)`):
 
-    read_parquet(train/*.parquet, file order shuffled per epoch)   one task per file, fused with
-      -> map_batches(samples.train_batch)                          the decode: ~64 photos a task
+    read_parquet(train/*.parquet, file order shuffled per epoch)   encoded JPEGs, ~6 MB a shard
+      -> map_batches(samples.train_batch)                          decode + crop + flip + hole
       -> iter_torch_batches(local shuffle buffer, drop_last)       in the training worker
 
 Nothing is materialised: blocks stream through the object store under Ray Data's backpressure, so
 memory stays flat however many shards there are (bench/data_pipeline.py measures it).
 
-CPU starvation (shared/RAY.md §2): every data task asks for DATA_TASK_CPUS (a quarter of a logical
-CPU), so Ray Data can still schedule work beside Train workers that hold fractional CPUs, and
-`check_cpu_budget` turns the hang that follows when the workers hold every CPU into a UserError.
-Decoding a 350-px JPEG takes ~1 ms, far below the cost of a Context Encoder step, so a fraction
-of one core keeps a worker fed (bench: data-stall ratio).
+CPU starvation (shared/RAY.md §2): every data task asks for DATA_TASK_CPUS (half a logical CPU),
+so Ray Data can still schedule work beside Train workers that hold fractional CPUs (2 workers x
+0.75 on 2 CPUs leave exactly one task's worth), and `check_cpu_budget` turns the hang that follows
+when the workers hold every CPU into a UserError. Half, not less: each decode worker process
+imports torch (via ce_ray.masks), ~300 MB private memory, so a smaller share would start more
+processes on a small machine for no extra throughput. Decoding a 350-px JPEG crop costs ~2 ms,
+far below a Context Encoder step per image, so a fraction of one core keeps a worker fed
+(bench/data_pipeline.py: data-stall ratio).
 """
 
 from __future__ import annotations
@@ -35,9 +38,24 @@ if TYPE_CHECKING:  # Ray is imported lazily, inside the functions
     import ray.train
     import torch
 
-DATA_TASK_CPUS = 0.25  # logical CPUs per read+decode task: fits beside workers at 0.5 or 0.75 CPU
+DATA_TASK_CPUS = 0.5  # logical CPUs per read / decode task: fits beside workers at 0.5 or 0.75 CPU
 ROWS_PER_MAP = 16  # photos per samples.train_batch call (x data.repeat crops)
 PREFETCH_BATCHES = 2  # batches decoded ahead of the training step
+
+
+def _read_parquet(files: list[str], num_cpus: float = DATA_TASK_CPUS, **kwargs) -> "ray.data.Dataset":
+    """read_parquet on the V1 datasource. Ray 2.60's default V2 reader plans a `ListFiles` task
+    with a hard-wired 1-CPU request (no argument reaches it), so whenever Train workers leave less
+    than one whole CPU free, e.g. 2 workers x 0.75 on 2 CPUs, the read never starts and training
+    hangs (verified: tests/test_data.py). V1 read tasks take our DATA_TASK_CPUS."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read at call time only
+    try:
+        return ray.data.read_parquet(files, num_cpus=num_cpus, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = old
 
 
 def _train_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dict[str, np.ndarray]:
@@ -66,21 +84,23 @@ def _val_map(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]
     }
 
 
-def build_train_dataset(cfg: Config, *, with_keys: bool = False) -> "ray.data.Dataset":
+def build_train_dataset(cfg: Config, *, with_keys: bool = False, cpus_per_task: float = DATA_TASK_CPUS,
+                        max_tasks: int | None = None) -> "ray.data.Dataset":
     """Streaming training crops from cfg.data.shards/train: rows {"image": (3, S, S) float32 in
     [-1, 1], "hole": (1, S, S) float32 in {0, 1}}; cfg.data.repeat crops per photo per epoch.
     The file order is reshuffled on every execution, i.e. every epoch; the trainer's local
     shuffle buffer (iter_train_batches) mixes crops across files. `with_keys` adds each crop's
-    photo key (tests; iter_train_batches needs it off)."""
+    photo key (tests; iter_train_batches needs it off). `cpus_per_task` is the logical CPU share
+    of each read / decode task; `max_tasks` caps concurrent decode tasks (default: as many as
+    the CPUs left to Ray Data allow)."""
     import ray.data
 
     files = shard_files(cfg.data.shards, "train")
     cols = [samples.KEY_COLUMN, samples.IMAGE_COLUMN] if with_keys else [samples.IMAGE_COLUMN]
-    # shuffle="files": a new random file order per execution (FileShuffleConfig with seed None).
-    # Same num_cpus on read and map so Ray Data fuses them into one task per file.
-    ds = ray.data.read_parquet(files, shuffle="files", num_cpus=DATA_TASK_CPUS).select_columns(cols)
+    # shuffle="files": a new random file order per execution, i.e. per epoch.
+    ds = _read_parquet(files, num_cpus=cpus_per_task, shuffle="files").select_columns(cols)
     return ds.map_batches(_train_map, fn_kwargs={"cfg": cfg, "with_keys": with_keys}, batch_size=ROWS_PER_MAP,
-                          batch_format="numpy", num_cpus=DATA_TASK_CPUS)
+                          batch_format="numpy", num_cpus=cpus_per_task, concurrency=max_tasks)
 
 
 def build_val_dataset(cfg: Config, *, with_keys: bool = False) -> "ray.data.Dataset":
@@ -91,7 +111,7 @@ def build_val_dataset(cfg: Config, *, with_keys: bool = False) -> "ray.data.Data
     import ray.data
 
     files = shard_files(cfg.data.shards, "val")
-    ds = ray.data.read_parquet(files, num_cpus=DATA_TASK_CPUS).select_columns([samples.KEY_COLUMN, samples.IMAGE_COLUMN])
+    ds = _read_parquet(files).select_columns([samples.KEY_COLUMN, samples.IMAGE_COLUMN])
     # Order matters for the cap below: without it, which photos make the first val_images rows
     # would depend on task timing.
     ds.context.execution_options.preserve_order = True

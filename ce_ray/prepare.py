@@ -353,8 +353,9 @@ class _ShardWriter:
             return
         name = f"part-{len(self.files):05d}.parquet"
         table = pa.Table.from_pylist(self.rows, schema=SHARD_SCHEMA)
-        # The image bytes are already JPEG: a second compression layer costs CPU and saves nothing.
-        pq.write_table(table, self.folder / name, compression="none")
+        # The image bytes are already JPEG: a second compression layer or a dictionary (no two
+        # photos share bytes) costs CPU and saves nothing.
+        pq.write_table(table, self.folder / name, compression="none", use_dictionary=[samples.KEY_COLUMN, "source"])
         self.files.append(name)
         self.rows = []
 
