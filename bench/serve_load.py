@@ -1,0 +1,216 @@
+"""Load test of `ce-ray serve` on 127.0.0.1: latency percentiles, requests/s and errors at 1, 16 and
+32 concurrent clients, with batching on and off in the same run, next to the raw generator forward
+(and the image codec + windowing) for the same batch sizes; then a soak of 1,000 requests at 32.
+
+    .venv/bin/python bench/serve_load.py                       # paper-size generator (71M), ~3-4 min on 2 cores
+    .venv/bin/python bench/serve_load.py --model models:/ce-ray-generator@best --soak 0
+
+Prints key=value lines. Without --model the generator is the paper's architecture with untrained
+weights: timings do not depend on the weights. Each request is one PNG with the default centre hole
+(one 128x128 window). --image crop (default) sends a 128x128 crop, the model's native input, so the
+numbers are about serving and batching; --image photo sends the bundled 451x300 photo (decode +
+PNG encode then cost about as much as the forward); or pass a path.
+The clients are Python threads in this process, on the same cores as the server: on a 2-core
+machine they compete with the replica for CPU, so these are conservative numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster (shared/RAY.md §0)
+
+
+def kv(**items) -> None:
+    for k, v in items.items():
+        print(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def paper_checkpoint(dest: Path) -> str:
+    """The paper's generator (bottleneck 4000, ngf 64) with fresh weights, as a checkpoint directory."""
+    import torch
+
+    from ce_ray import checkpoint
+    from ce_ray import config as C
+    from ce_ray.model import build_discriminator, build_generator
+
+    cfg = C.Config()
+    torch.manual_seed(0)
+    return str(checkpoint.save(dest, G=build_generator(cfg.model), D=build_discriminator(cfg.model), step=0, config=cfg, rng=False))
+
+
+def raw_timings(model_uri: str, image: bytes, batch_sizes: list[int], threads: int, repeats: int) -> dict[str, float]:
+    """Generator forward per batch size, and everything else one request costs in the replica
+    (decode, plan, window crop, paste, PNG encode), with the replica's thread count."""
+    import torch
+
+    from ce_ray import inpaint as I
+    from ce_ray.checkpoint import load_generator
+
+    torch.set_num_threads(threads)
+    loaded = load_generator(model_uri, "cpu")
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for b in batch_sizes:
+            x = torch.randn(b, 3, 128, 128)
+            loaded.model(x)  # warm-up
+            t = time.perf_counter()
+            for _ in range(repeats):
+                loaded.model(x)
+            out[f"raw_forward_ms_batch{b}"] = (time.perf_counter() - t) / repeats * 1e3
+    t_codec = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rgb = I.image_rgb(I.read_image(image))
+        p = I.plan(loaded, rgb, None)
+        chosen = p.next_round()
+        inputs = [p.window_input(i) for i in chosen]
+        t_codec += time.perf_counter() - t
+        pred = np.zeros((len(inputs), 3, 128, 128), np.float32)  # the forward is timed above
+        t = time.perf_counter()
+        for i, o in zip(chosen, pred):
+            p.paste(i, o)
+        I.encode_png(p.result())
+        t_codec += time.perf_counter() - t
+    out["codec_ms"] = t_codec / repeats * 1e3
+    return out
+
+
+def load(url: str, image: bytes, concurrency: int, n: int) -> dict[str, float]:
+    """n POSTs from `concurrency` threads, each with its own keep-alive session."""
+    import requests
+
+    local = threading.local()
+    lat: list[float] = []
+    batches: list[int] = []
+    errors = 0
+    lock = threading.Lock()
+
+    def one(_):
+        nonlocal errors
+        s = getattr(local, "s", None) or requests.Session()
+        local.s = s
+        t = time.perf_counter()
+        try:
+            r = s.post(url, files={"image": ("photo.png", image, "image/png")}, timeout=120)
+            ok = r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        except requests.RequestException:
+            ok, r = False, None
+        dt = time.perf_counter() - t
+        with lock:
+            if ok:
+                lat.append(dt)
+                batches.append(int(r.headers.get("X-Ce-Ray-Batch", 1)))
+            else:
+                errors += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    wall = time.perf_counter() - start
+    ms = np.array(lat) * 1e3 if lat else np.array([float("nan")])
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
+            "req_per_s": len(lat) / wall, "errors": errors, "mean_batch": float(np.mean(batches)) if batches else 0.0, "requests": n}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="", help="model URI (default: the paper-size generator, untrained)")
+    ap.add_argument("--image", default="crop", help="crop (128x128, default), photo (451x300) or a PNG/JPEG path")
+    ap.add_argument("--concurrency", default="1,16,32")
+    ap.add_argument("--requests", type=int, default=160, help="per concurrency level and batching mode (c=1 uses a quarter)")
+    ap.add_argument("--soak", type=int, default=1000, help="requests at the highest concurrency, batching on (0: skip)")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica (and for the raw forward)")
+    ap.add_argument("--cpus-per-replica", type=float, default=1.0)
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from ce_ray.photos import load_bundled
+    from ce_ray.serve import build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="ce_ray_bench_"))
+    model = args.model or paper_checkpoint(tmp / "paper-untrained")
+    if args.image in ("crop", "photo"):
+        from PIL import Image
+
+        rgb = dict(load_bundled())["skimage/chelsea"]  # 451x300
+        if args.image == "crop":
+            rgb = rgb[100:228, 160:288]
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        image = buf.getvalue()
+    else:
+        image = Path(args.image).read_bytes()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    kv(model=args.model or "paper-size generator (untrained)", image=args.image, image_bytes=len(image), threads=args.threads,
+       max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+
+    raw = raw_timings(model, image, sorted({1, args.max_batch_size}), args.threads, repeats=20)
+    kv(**raw)
+    b = args.max_batch_size
+    kv(**{f"raw_forward_ms_per_image_batch{b}": raw[f"raw_forward_ms_batch{b}"] / b})
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/ce_ray_bench/{os.getpid()}",
+             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})  # loopback only
+        url = f"http://127.0.0.1:{port}/v1/inpaint"
+        for mode, size in (("on", args.max_batch_size), ("off", 1)):
+            serve.run(build_app(model, max_batch_size=size, batch_wait_ms=args.batch_wait_ms if size > 1 else 0.0,
+                                threads=args.threads, cpus_per_replica=args.cpus_per_replica),
+                      name="bench", route_prefix="/", logging_config={"enable_access_log": False, "log_level": "ERROR"})
+            load(url, image, 4, 16)  # warm-up: connections, first batches
+            for c in levels:
+                r = load(url, image, c, max(10, args.requests // 4) if c == 1 else args.requests)
+                results[(mode, c)] = r
+                kv(**{f"batching_{mode}_c{c}_{k}": v for k, v in r.items()})
+        if args.soak:
+            serve.run(build_app(model, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, threads=args.threads,
+                                cpus_per_replica=args.cpus_per_replica),
+                      name="bench", route_prefix="/", logging_config={"enable_access_log": False, "log_level": "ERROR"})
+            c = max(levels)
+            r = load(url, image, c, args.soak)
+            kv(**{f"soak_c{c}_{k}": v for k, v in r.items()})
+        serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    # The issue's targets, as ratios (measured above in this same run).
+    base = raw["raw_forward_ms_batch1"] + raw["codec_ms"]
+    if ("off", 1) in results:
+        kv(single_latency_over_raw_plus_codec_batching_off=results[("off", 1)]["p50_ms"] / base)
+    if ("on", 1) in results:
+        kv(single_latency_over_raw_plus_codec_batching_on=results[("on", 1)]["p50_ms"] / base)
+    for c in levels:
+        if c > 1 and ("on", c) in results and ("off", c) in results:
+            kv(**{f"throughput_gain_batching_c{c}": results[("on", c)]["req_per_s"] / results[("off", c)]["req_per_s"]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

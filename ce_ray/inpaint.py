@@ -1,0 +1,415 @@
+"""Inpaint a photo of any size with any hole, using a generator trained on 128x128 crops (Pathak et
+al. 2016 §3; train.lua / train_random.lua's data path): the window strategy shared by
+`ce-ray inpaint` and `ce-ray serve`. Pure numpy/PIL/torch; no Ray.
+
+Strategy
+--------
+1. Scale. The model saw 128x128 crops of photos resized to a shorter side of `data.load_size`
+   (350). A photo is therefore processed at that scale: a window of `L0 = 128 * min(H, W) / 350`
+   image pixels is resampled to 128x128. Images whose shorter side is already <= 350 are never
+   upscaled (L0 = 128): upscaling invents no detail, and a 128x128 input is then exactly a
+   training crop.
+2. Windows. The centre model fills only the 56x56 interior of its window (`[36:92]`; 64 - 2 *
+   mask.overlap), with everything around it as context. The hole is split into groups (connected
+   components, with specks closer than 8 model pixels joined) and each group gets a window whose
+   interior contains the group's bounding box, centred on it. A group too large for that interior
+   at the training scale gets a larger window, i.e. it is filled at a coarser scale (up to
+   MAX_DOWNSCALE = 2x: holes up to 112x112 pixels at the training scale fill in one window).
+   Larger groups are tiled with windows at 2x, each filling one cell of the group's bounding box.
+   The full-image variant uses the same windows (56x56 cells: ~19 % of a window, inside the 20-30 %
+   hole coverage it was trained on).
+3. Order and batching. Windows run in rounds. Each round takes the pending windows with the
+   fewest still-unfilled hole pixels in their context first (the hole's border before its middle:
+   the onion order), as long as no two chosen windows touch each other's cells. Unfilled pixels in a
+   window's context are mean-filled like the hole itself; filled ones are context for later rounds.
+   All windows of a round, from every image being served, go through the generator as one batch.
+4. Paste back. The prediction is resampled to image pixels and copied into the hole only: every
+   pixel outside the hole is returned bit-identical. Windows that run past the image's edge see a
+   mirror image of it there.
+
+Limits (each raises a UserError naming it): the hole may cover at most MAX_HOLE_FRACTION (50 %) of
+the image; an image needs MIN_SIDE (16) pixels a side; one image needs at most MAX_WINDOWS (256)
+windows. Tiled holes (more than 112 pixels across at the training scale) have no window that sees
+all of their context, so their middles are filled from earlier predictions and get blurrier; the
+model never saw holes like that, and the result says so by looking like it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+from ce_ray.checkpoint import LoadedGenerator
+from ce_ray.config import Config
+from ce_ray.errors import UserError
+from ce_ray.masks import center_box
+from ce_ray.samples import to_uint8, to_unit
+from ce_ray.step import predict
+
+MAX_DOWNSCALE = 2.0  # a hole may be filled at up to 2x coarser than the training scale in one window
+MAX_HOLE_FRACTION = 0.5  # beyond this there is too little context left to inpaint from
+MAX_WINDOWS = 256  # per image: bounds the work one request can cause
+MIN_SIDE = 16  # px; smaller images have no usable context
+MERGE_GAP = 8  # model px: hole specks closer than this share one window
+FORWARD_CHUNK = 32  # windows per generator forward (bounds memory when many requests batch)
+FULL_CELL = 56  # model px: the cell a full-image model fills per window (same as the centre interior)
+
+
+class InpaintError(UserError):
+    """A bad input, with a stable `code` an API can return (e.g. "mask_size_mismatch")."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# --- Decoding user files -------------------------------------------------------------------------
+
+
+def read_image(data: bytes, max_pixels: int | None = None, what: str = "image") -> Image.Image:
+    """Encoded bytes -> a fully decoded PIL image, EXIF orientation applied (browsers display it
+    that way, and a mask painted over the displayed photo must line up). The pixel count is checked
+    from the header, before decoding."""
+    if not data:
+        raise InpaintError(f"empty_{what}", f"the {what} file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InpaintError("not_an_image", f"the {what} upload is not a PNG/JPEG image (PIL cannot read it)") from None
+    except Image.DecompressionBombError as e:  # > 2x PIL's own limit, checked from the header
+        raise InpaintError("too_many_pixels", f"the {what} is too large to decode: {e}") from None
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise InpaintError("too_many_pixels", f"the {what} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    try:
+        im.load()
+        return ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "truncated / corrupt"
+        raise InpaintError(f"truncated_{what}", f"the {what} could not be decoded (truncated or corrupt file): {e}") from None
+
+
+def image_rgb(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8; transparency is dropped (the model sees colour only)."""
+    return np.asarray(im.convert("RGB"))
+
+
+def mask_hole(im: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A mask image -> (H, W) bool hole: white = hole. Transparent pixels are not hole (a mask
+    painted white on a transparent layer works). `size`: the image's (H, W), which it must match."""
+    if size is not None and (im.height, im.width) != tuple(size):
+        raise InpaintError("mask_size_mismatch", f"the mask is {im.width}x{im.height} but the image is {size[1]}x{size[0]}; send a mask of the same size")
+    rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)
+    value = rgba[..., :3].max(axis=-1) * rgba[..., 3] // 255  # composited over black
+    return value > 127
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)  # level 1: ~5x faster than 6, a bit bigger
+    return buf.getvalue()
+
+
+# --- Geometry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a checkpoint's config says about its windows (all in model pixels)."""
+
+    size: int  # the window: data.fine_size (128)
+    load_size: int  # the shorter side photos were resized to in training (350)
+    interior: tuple[int, int]  # (lo, hi): the square each window fills, [36, 92) for the centre model
+    variant: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Geometry":
+        s = cfg.data.fine_size
+        if cfg.model.variant == "center":
+            lo, hi = center_box(s)
+            interior = (lo + cfg.mask.overlap, hi - cfg.mask.overlap)
+        else:
+            interior = ((s - FULL_CELL) // 2, (s + FULL_CELL) // 2)
+        return cls(size=s, load_size=cfg.data.load_size, interior=interior, variant=cfg.model.variant)
+
+    def base_side(self, h: int, w: int) -> float:
+        """L0: image pixels per window at the training scale (never smaller than the window)."""
+        return self.size * max(1.0, min(h, w) / self.load_size)
+
+    @property
+    def cell_fraction(self) -> float:
+        return (self.interior[1] - self.interior[0]) / self.size
+
+
+def default_hole(h: int, w: int, geo: Geometry) -> np.ndarray:
+    """The centre region: the interior of one training-scale window centred on the image
+    (exactly `[36:92, 36:92]` of a 128x128 image)."""
+    side = geo.base_side(h, w)
+    c = side * geo.cell_fraction
+    y0, x0 = round(h / 2 - c / 2), round(w / 2 - c / 2)
+    y1, x1 = round(h / 2 + c / 2), round(w / 2 + c / 2)
+    hole = np.zeros((h, w), dtype=bool)
+    hole[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)] = True
+    return hole
+
+
+@dataclass(frozen=True)
+class Window:
+    top: int  # the window's side x side box in image pixels; may run past the image's edges
+    left: int
+    side: int
+    cell: tuple[int, int, int, int]  # (y0, y1, x0, x1): it writes the pixels of `group` in here
+    group: int
+    count: int  # how many pixels it writes
+
+
+def _place(lo: int, hi: int, side: int, geo: Geometry) -> int | None:
+    """The window start that puts [lo, hi) inside its interior, as centred as possible; None if
+    no integer start does."""
+    a, b = geo.interior[0] * side / geo.size, geo.interior[1] * side / geo.size
+    first, last = math.ceil(hi - b - 1e-9), math.floor(lo - a + 1e-9)
+    if first > last:
+        return None
+    return min(max(round((lo + hi) / 2 - side / 2), first), last)
+
+
+def _window_for(cell: tuple[int, int, int, int], min_side: float, geo: Geometry) -> tuple[int, int, int]:
+    """(top, left, side): the smallest window >= min_side whose interior holds the cell."""
+    y0, y1, x0, x1 = cell
+    side = max(round(min_side), math.ceil(max(y1 - y0, x1 - x0) / geo.cell_fraction))
+    while True:
+        top, left = _place(y0, y1, side, geo), _place(x0, x1, side, geo)
+        if top is not None and left is not None:
+            return top, left, side
+        side += 1  # rounding left no integer position: one pixel more always fits eventually
+
+
+def _split(lo: int, hi: int, max_len: int) -> list[tuple[int, int]]:
+    n = max(1, math.ceil((hi - lo) / max_len))
+    edges = [lo + round(k * (hi - lo) / n) for k in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+# --- One image's plan ----------------------------------------------------------------------------
+
+
+class Plan:
+    """The windows that fill one image's hole and the state between rounds. `inpaint_many` runs
+    several plans together so every round of every image is one batch."""
+
+    def __init__(self, rgb: np.ndarray, hole: np.ndarray, geo: Geometry):
+        self.rgb, self.hole, self.geo = rgb, hole, geo
+        self.current = rgb.copy()  # (H, W, 3) uint8: filled pixels land here
+        self.unfilled = hole.copy()  # (H, W) bool: hole pixels no window has written yet
+        h, w = hole.shape
+        base = geo.base_side(h, w)
+        # Group the hole: components of the hole dilated by MERGE_GAP model px, restricted to the hole.
+        gap = max(1, round(MERGE_GAP * base / geo.size))
+        near = ndimage.maximum_filter(hole, size=2 * gap + 1) if gap > 1 else hole  # square dilation, separable: O(HW)
+        labels, _ = ndimage.label(near, structure=np.ones((3, 3), bool))
+        self.groups = np.where(hole, labels, 0).astype(np.int32)  # (H, W): group id of each hole pixel
+        self.windows: list[Window] = []
+        max_side = base * MAX_DOWNSCALE
+        for g, sl in enumerate(ndimage.find_objects(self.groups), start=1):
+            if sl is None:
+                continue
+            box = (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+            top, left, side = _window_for(box, base, geo)
+            if side <= max_side:
+                cells = [box]
+            else:
+                # Tile. Cells as wide as the group's narrow side, between the training-scale cell
+                # and the largest window's (a thin stroke keeps full resolution; a blob gets the
+                # coarsest, most coherent windows). 1 px margin so a window position always fits.
+                narrow = min(box[1] - box[0], box[3] - box[2])
+                cell = min(max(narrow, math.floor(base * geo.cell_fraction)), math.floor(max_side * geo.cell_fraction) - 1)
+                cells = [(a, b, c, d) for a, b in _split(box[0], box[1], cell) for c, d in _split(box[2], box[3], cell)]
+            for cell_box in cells:
+                y0, y1, x0, x1 = cell_box
+                count = int((self.groups[y0:y1, x0:x1] == g).sum())
+                if count == 0:
+                    continue  # a tile of the bounding box that misses the hole
+                top, left, side = _window_for(cell_box, base, geo)
+                self.windows.append(Window(top, left, side, cell_box, g, count))
+            if len(self.windows) > MAX_WINDOWS:
+                break
+        if len(self.windows) > MAX_WINDOWS:
+            raise InpaintError("mask_too_complex", f"this mask needs more than {MAX_WINDOWS} model windows (many scattered holes, or very large ones); paint fewer, larger holes")
+        self.pending = set(range(len(self.windows)))
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def next_round(self) -> list[int]:
+        """Windows to run now: fewest unfilled context pixels first, no two touching each other's cells."""
+        h, w = self.unfilled.shape
+
+        def unfilled_in(win: Window) -> int:  # count_nonzero on bools: ~1 GB/s, cheaper than an integral image
+            box = self.unfilled[max(0, win.top) : min(h, win.top + win.side), max(0, win.left) : min(w, win.left + win.side)]
+            return int(np.count_nonzero(box)) - win.count
+
+        order = sorted(self.pending, key=lambda i: (unfilled_in(self.windows[i]), i))
+        chosen: list[int] = []
+        for i in order:
+            if all(not _touches(self.windows[i], self.windows[j]) for j in chosen):
+                chosen.append(i)
+        return chosen
+
+    def window_input(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """((3, S, S) float32 in [-1, 1], (1, S, S) float32 hole) for window i."""
+        win, S = self.windows[i], self.geo.size
+        rgb = _crop(self.current, win)
+        unfilled = _crop(self.unfilled, win).astype(np.uint8) * 255
+        if win.side != S:
+            rgb = np.asarray(Image.fromarray(rgb).resize((S, S), Image.BICUBIC))
+            # Any unfilled pixel under a model pixel makes it unknown (conservative).
+            unfilled = np.asarray(Image.fromarray(unfilled).resize((S, S), Image.BILINEAR))
+        hole = unfilled > 0
+        if self.geo.variant == "center":  # the centre model always sees its whole interior filled, as in training
+            lo, hi = self.geo.interior
+            hole[lo:hi, lo:hi] = True
+        return to_unit(rgb), hole[None].astype(np.float32)
+
+    def paste(self, i: int, out: np.ndarray) -> None:
+        """Copy window i's prediction ((3, S, S) in [-1, 1]) into its cell's hole pixels."""
+        win, S = self.windows[i], self.geo.size
+        y0, y1, x0, x1 = win.cell
+        pred = to_uint8(out)  # (S, S, 3)
+        if win.side == S:
+            patch = pred[y0 - win.top : y1 - win.top, x0 - win.left : x1 - win.left]
+        else:  # resample just the cell: PIL maps the source box with pixel-area semantics
+            k = S / win.side
+            box = ((x0 - win.left) * k, (y0 - win.top) * k, (x1 - win.left) * k, (y1 - win.top) * k)
+            patch = np.asarray(Image.fromarray(pred).resize((x1 - x0, y1 - y0), Image.BICUBIC, box=box))
+        mine = self.groups[y0:y1, x0:x1] == win.group
+        region = self.current[y0:y1, x0:x1]
+        region[mine] = patch[mine]
+        self.unfilled[y0:y1, x0:x1][mine] = False
+        self.pending.discard(i)
+
+    def result(self) -> np.ndarray:
+        # By construction only hole pixels were written; keep that a guarantee, not a hope.
+        return np.where(self.hole[..., None], self.current, self.rgb)
+
+
+def _touches(a: Window, b: Window) -> bool:
+    """Whether one window's cell lies in the other's view (they must then run in different rounds)."""
+
+    def overlap(cell, win: Window) -> bool:
+        y0, y1, x0, x1 = cell
+        return y0 < win.top + win.side and win.top < y1 and x0 < win.left + win.side and win.left < x1
+
+    return overlap(a.cell, b) or overlap(b.cell, a)
+
+
+def _crop(img: np.ndarray, win: Window) -> np.ndarray:
+    """The window's box of `img`, mirrored at the image's edges where it runs past them."""
+    h, w = img.shape[:2]
+    t, l, s = win.top, win.left, win.side
+    y0, y1, x0, x1 = max(0, t), min(h, t + s), max(0, l), min(w, l + s)
+    if y0 >= y1 or x0 >= x1:  # entirely outside (cannot happen: the cell is inside the image)
+        raise AssertionError(f"window {win} misses the {w}x{h} image")
+    part = img[y0:y1, x0:x1]
+    pads = ((y0 - t, t + s - y1), (x0 - l, l + s - x1)) + ((0, 0),) * (img.ndim - 2)
+    if any(p for pair in pads for p in pair):
+        part = np.pad(part, pads, mode="symmetric")
+    return part
+
+
+# --- Public API ----------------------------------------------------------------------------------
+
+
+def check_inputs(rgb: np.ndarray, hole: np.ndarray | None, geo: Geometry) -> np.ndarray:
+    """Validate an image and hole (None = the centre region); returns the hole."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InpaintError("bad_image", f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {tuple(rgb.shape)}")
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise InpaintError("image_too_small", f"the image is {w}x{h}; it needs at least {MIN_SIDE} pixels a side")
+    if hole is None:
+        return default_hole(h, w, geo)
+    hole = np.asarray(hole, dtype=bool)
+    if hole.shape != (h, w):
+        raise InpaintError("mask_size_mismatch", f"the mask is {hole.shape[1] if hole.ndim == 2 else '?'}x{hole.shape[0]} but the image is {w}x{h}; send a mask of the same size")
+    n = int(hole.sum())
+    if n == 0:
+        raise InpaintError("empty_mask", "the mask has no hole: paint the area to fill in white (white = hole)")
+    if n == hole.size:
+        raise InpaintError("all_white_mask", "the mask is all white: nothing is left to inpaint from (white = hole)")
+    if n > MAX_HOLE_FRACTION * hole.size:
+        raise InpaintError("hole_too_large", f"the hole covers {100 * n / hole.size:.0f}% of the image; at most {100 * MAX_HOLE_FRACTION:.0f}% can be filled (the model needs context around it)")
+    return hole
+
+
+def plan(loaded: LoadedGenerator, rgb: np.ndarray, hole: np.ndarray | None = None) -> Plan:
+    """Validate and plan one image (raises InpaintError for bad input; cheap, no model call)."""
+    geo = Geometry.of(loaded.config)
+    return Plan(rgb, check_inputs(rgb, hole, geo), geo)
+
+
+def inpaint_many(loaded: LoadedGenerator, plans: list[Plan]) -> list[np.ndarray]:
+    """Run plans to completion, all images' windows of a round in one batch. -> (H, W, 3) uint8 each."""
+    cfg = loaded.config
+    device = next(loaded.model.parameters()).device
+    while True:
+        work = [(p, i) for p in plans if not p.done for i in p.next_round()]
+        if not work:
+            return [p.result() for p in plans]
+        for start in range(0, len(work), FORWARD_CHUNK):
+            chunk = work[start : start + FORWARD_CHUNK]
+            pairs = [p.window_input(i) for p, i in chunk]
+            images = torch.from_numpy(np.stack([a for a, _ in pairs])).to(device)  # (B, 3, S, S)
+            holes = torch.from_numpy(np.stack([b for _, b in pairs])).to(device)  # (B, 1, S, S)
+            out = predict(loaded.model, images, holes, cfg.model.variant, cfg.data.fine_size).cpu().numpy()
+            for (p, i), o in zip(chunk, out):
+                p.paste(i, o)
+
+
+def inpaint_image(loaded: LoadedGenerator, rgb: np.ndarray, hole: np.ndarray | None = None) -> np.ndarray:
+    """Inpaint one (H, W, 3) uint8 image inside `hole` ((H, W) bool, None = the centre region).
+    Every pixel outside the hole is returned bit-identical."""
+    return inpaint_many(loaded, [plan(loaded, rgb, hole)])[0]
+
+
+def inpaint_file(model_uri: str, image_path: str | Path, mask_path: str | Path | None, out_path: str | Path,
+                 device: str = "cpu") -> Path:
+    """`ce-ray inpaint`: read an image (and a mask, white = hole), inpaint, write a PNG."""
+    from ce_ray.checkpoint import load_generator
+    from ce_ray.pictures import save_png
+    from ce_ray.step import resolve_device
+
+    def read(path, what):
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{what} file {str(p)!r} not found")
+        return read_image(p.read_bytes(), what=what)
+
+    rgb = image_rgb(read(image_path, "image"))
+    hole = mask_hole(read(mask_path, "mask"), rgb.shape[:2]) if mask_path else None
+    loaded = load_generator(model_uri, resolve_device(device))
+    return save_png(inpaint_image(loaded, rgb, hole), out_path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="the photo to inpaint (PNG or JPEG, any size)")
+    parser.add_argument("--mask", help="mask image of the same size, white = hole (default: the centre region)")
+    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias or runs:/id/path")
+    parser.add_argument("-o", "--output", required=True, help="where to write the result (PNG)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where the generator runs (default: cpu)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    out = inpaint_file(args.model, args.image, args.mask, args.output, device=args.device)
+    print(f"wrote {out}")
+    return 0

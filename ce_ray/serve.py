@@ -1,0 +1,340 @@
+"""Serve a trained generator with Ray Serve: the HTTP API, dynamic batching across requests, input
+limits, and the web page. Inpainting itself (any size, any hole) is inpaint.py.
+
+    ce-ray serve --model URI [--host 127.0.0.1 --port 8000 --replicas N]   blocks until Ctrl-C
+    serve run cluster/serve.yaml          or    CE_RAY_MODEL=URI serve run ce_ray.serve:app
+
+Routes
+    POST /v1/inpaint   multipart: image (PNG/JPEG, any size), optional mask (white = hole; default
+                       the centre region) -> image/png. Every pixel outside the hole is unchanged.
+    GET  /healthz      {"status": "ok", ...}
+    GET  /v1/model     name, version, training config, val metrics, limits, batching
+    GET  /             the web page (ce_ray/static/index.html; no external resources)
+Bad requests get a 4xx JSON body {"error": <code>, "detail": <what is wrong>}; the replica keeps serving.
+
+Batching: `@serve.batch` gathers up to max_batch_size requests (waiting at most batch_wait_ms after
+the first); every round of every request's windows then runs as one generator forward. Both knobs
+come from the deployment's user_config, so `serve deploy` with new values calls `reconfigure` on
+the running replicas without restarting them.
+
+Upload limit: Serve's proxy has no body limit of its own (shared/RAY.md §5), so the replica refuses
+a body whose Content-Length is over the limit before reading any of it, and counts the bytes of a
+body sent without one.
+"""
+
+# No `from __future__ import annotations` here: Serve's ingress rebuilds the methods, and FastAPI
+# then cannot resolve string annotations such as `request: Request` (it took them for query params).
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from ce_ray.errors import UserError
+
+APP_NAME = "ce-ray"
+DEPLOYMENT_NAME = "Inpainter"
+STATIC_DIR = Path(__file__).parent / "static"
+
+DEFAULT_MAX_BATCH_SIZE = 8  # CPU: per-image forward cost drops ~2.2x from batch 1 to 8 (bench/serve_load.py)
+DEFAULT_BATCH_WAIT_MS = 5.0  # added to a lone request's latency; long enough to gather a burst
+DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_MAX_PIXELS = 25_000_000  # ~25 MP: a decoded RGB image of 75 MB, plus its mask
+MAX_ONGOING_REQUESTS = 64  # per replica; must be >= max_batch_size (Serve's batching queue lives inside it)
+
+# InpaintError codes -> HTTP status. Anything not listed is a 400.
+STATUS = {"payload_too_large": 413, "too_many_pixels": 413, "not_an_image": 415, "unsupported_media_type": 415,
+          "length_required": 411}
+
+
+def error_response(code: str, detail: str, status: int | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status or STATUS.get(code, 400))
+
+
+def describe_model(uri: str, loaded) -> dict[str, Any]:
+    """Name and version of a model URI (MLflow registry, run, or checkpoint directory), plus what the
+    checkpoint says about itself."""
+    from ce_ray.config import to_dict
+
+    name, version = uri, str(loaded.step)
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):].strip("/")
+        name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
+        version = ref if sep == "/" and ref.isdigit() else f"{sep}{ref}"
+        if not ref.isdigit():  # an alias or "latest": say which version that was at load time
+            try:
+                from mlflow import MlflowClient
+
+                client = MlflowClient()
+                if sep == "@":
+                    version = str(client.get_model_version_by_alias(name, ref).version)
+                elif ref.lower() == "latest":
+                    version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+            except Exception:  # the registry may be unreachable after the download; keep the reference
+                pass
+    elif uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        name, version = path or "run", run_id
+    else:
+        name = Path(uri).expanduser().resolve().name
+    return {"name": name, "version": version, "source": uri, "step": loaded.step, "variant": loaded.config.model.variant,
+            "config": to_dict(loaded.config), "metrics": loaded.metrics}
+
+
+api = FastAPI(title="ce-ray", description="Context Encoder inpainting (Pathak et al. 2016)", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not the client's fault: a JSON body like every other error; the replica goes on serving.
+    logging.getLogger("ce_ray.serve").exception("unhandled error on %s", request.url.path)
+    return error_response("internal_error", f"the server failed on this request ({type(exc).__name__}); see the replica log", 500)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class Inpainter:
+    """One replica: the generator on its device, the limits, and the batching queue."""
+
+    def __init__(self, model_uri: str, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
+                 max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", threads: int = 0,
+                 tracking_uri: str | None = None):
+        import torch
+
+        from ce_ray.checkpoint import load_generator
+        from ce_ray.step import resolve_device
+
+        if tracking_uri:  # the replica is another process: it does not inherit the driver's mlflow.set_tracking_uri
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = load_generator(model_uri, resolve_device(device))
+        self.info = describe_model(model_uri, self.loaded)
+        self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
+        self.device = str(resolve_device(device))
+        self.page = (STATIC_DIR / "index.html").read_text()
+        self.batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "batch_wait_ms": DEFAULT_BATCH_WAIT_MS}
+        self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered (healthz)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Called by Serve at start and whenever user_config changes (no restart)."""
+        known = {"max_batch_size", "batch_wait_ms"}
+        unknown = set(user_config) - known
+        if unknown:
+            raise UserError(f"unknown user_config key(s) {sorted(unknown)}; valid: {sorted(known)}")
+        size = int(user_config.get("max_batch_size", self.batching["max_batch_size"]))
+        wait = float(user_config.get("batch_wait_ms", self.batching["batch_wait_ms"]))
+        if size < 1 or size > MAX_ONGOING_REQUESTS or wait < 0:
+            raise UserError(f"user_config needs 1 <= max_batch_size <= {MAX_ONGOING_REQUESTS} and batch_wait_ms >= 0, got {user_config}")
+        self._inpaint_batch.set_max_batch_size(size)
+        self._inpaint_batch.set_batch_wait_timeout_s(wait / 1000.0)
+        self.batching = {"max_batch_size": size, "batch_wait_ms": wait}
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000.0)
+    async def _inpaint_batch(self, plans: list) -> list[tuple[np.ndarray, int]]:
+        """Several requests' plans -> [(result, how many requests shared the batch)]."""
+        from ce_ray.inpaint import inpaint_many
+
+        # In a thread: the event loop keeps accepting (and decoding) the next requests meanwhile.
+        results = await asyncio.to_thread(inpaint_many, self.loaded, plans)
+        return [(r, len(plans)) for r in results]
+
+    async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        """The body, or a 413 without reading it when Content-Length is over the limit."""
+        limit = self.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return error_response("bad_request", f"invalid Content-Length {length!r}")
+            if int(length) > limit:
+                return error_response("payload_too_large", f"the upload is {int(length)} bytes; the limit is {limit} bytes ({limit / 2**20:g} MB)")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # no (or a lying) Content-Length: count as it arrives
+            size += len(chunk)
+            if size > limit:
+                return error_response("payload_too_large", f"the upload is over the limit of {limit} bytes ({limit / 2**20:g} MB)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @api.post("/v1/inpaint")
+    async def inpaint(self, request: Request) -> Response:
+        from ce_ray.inpaint import InpaintError, encode_png, image_rgb, mask_hole, plan, read_image
+
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            return error_response("unsupported_media_type", f"send multipart/form-data with an 'image' file field (and optionally 'mask'), not {ctype or 'no Content-Type'!r}")
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
+        request._body = body  # starlette's form parser reads the buffered body from here
+        try:
+            form = await request.form(max_files=2, max_fields=4, max_part_size=self.max_upload_bytes)
+        except Exception as e:  # HTTPException / MultiPartException: malformed multipart
+            return error_response("bad_multipart", f"could not parse the multipart body: {getattr(e, 'detail', e)}")
+        try:
+            image_field, mask_field = form.get("image"), form.get("mask")
+            if image_field is None or isinstance(image_field, str):
+                return error_response("missing_image", "no 'image' file in the form: upload the photo as the 'image' field")
+            image_bytes = await image_field.read()
+            mask_bytes = None
+            if mask_field is not None and not (isinstance(mask_field, str) and mask_field == ""):
+                if isinstance(mask_field, str):
+                    return error_response("bad_mask", "'mask' must be an image file upload (white = hole)")
+                mask_bytes = await mask_field.read()
+        finally:
+            await form.close()
+
+        def decode_and_plan():
+            rgb = image_rgb(read_image(image_bytes, self.max_pixels, "image"))
+            hole = mask_hole(read_image(mask_bytes, self.max_pixels, "mask"), rgb.shape[:2]) if mask_bytes is not None else None
+            return plan(self.loaded, rgb, hole)
+
+        try:
+            p = await asyncio.to_thread(decode_and_plan)
+        except InpaintError as e:
+            return error_response(e.code, str(e))
+        out, batch = await self._inpaint_batch(p)
+        png = await asyncio.to_thread(encode_png, out)
+        # Diagnostics for clients and bench/serve_load.py: model windows used, requests batched together.
+        return Response(content=png, media_type="image/png",
+                        headers={"X-Ce-Ray-Windows": str(len(p.windows)), "X-Ce-Ray-Batch": str(batch)})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.info["name"], "version": self.info["version"], "replica": self.replica}
+
+    @api.get("/v1/model")
+    async def model(self) -> dict:
+        from ce_ray import inpaint as I
+
+        return {**self.info, "device": self.device, "batching": self.batching,
+                "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                           "max_hole_fraction": I.MAX_HOLE_FRACTION, "max_windows": I.MAX_WINDOWS,
+                           "max_downscale": I.MAX_DOWNSCALE}}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+
+def _gpus_available() -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_app(model_uri: str, *, replicas: int = 1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+              batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+              max_pixels: int = DEFAULT_MAX_PIXELS, cpus_per_replica: float = 1.0, gpus_per_replica: float | None = None,
+              device: str = "auto", threads: int = 0, tracking_uri: str | None = None):
+    """The Serve application (pass to serve.run). gpus_per_replica None = 1 when the cluster (or,
+    before ray.init, this machine) has a GPU, else 0."""
+    if not model_uri:
+        raise UserError("no model: pass --model URI (or set CE_RAY_MODEL for `serve run ce_ray.serve:app`)")
+    if replicas < 1:
+        raise UserError(f"--replicas must be >= 1, got {replicas}")
+    if not 1 <= max_batch_size <= MAX_ONGOING_REQUESTS:
+        raise UserError(f"--max-batch-size must be in [1, {MAX_ONGOING_REQUESTS}], got {max_batch_size}")
+    if batch_wait_ms < 0 or max_upload_mb <= 0 or max_pixels < 1:
+        raise UserError("--batch-wait-ms must be >= 0, --max-upload-mb > 0 and --max-pixels >= 1")
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if device != "cpu" and _gpus_available() else 0.0
+    if tracking_uri is None and model_uri.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()  # the driver's (env var or default), made explicit for replicas
+    actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+    return Inpainter.options(num_replicas=replicas, ray_actor_options=actor,
+                             user_config={"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms}).bind(
+        model_uri=model_uri, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+        device=device, threads=threads, tracking_uri=tracking_uri)  # "auto" resolves in the replica: cuda iff it got a GPU
+
+
+def app_from_env():
+    """`serve run ce_ray.serve:app` / cluster/serve.yaml: the app configured by environment variables
+    (CE_RAY_MODEL required; CE_RAY_MAX_UPLOAD_MB, CE_RAY_MAX_PIXELS, CE_RAY_DEVICE optional).
+    Replicas, resources and batching then come from the Serve config's deployment section."""
+    env = os.environ
+    return build_app(env.get("CE_RAY_MODEL", ""), max_upload_mb=float(env.get("CE_RAY_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
+                     max_pixels=int(env.get("CE_RAY_MAX_PIXELS", DEFAULT_MAX_PIXELS)), device=env.get("CE_RAY_DEVICE", "auto"),
+                     gpus_per_replica=float(env["CE_RAY_GPUS"]) if "CE_RAY_GPUS" in env else None)
+
+
+def __getattr__(name: str):
+    # `app` is built on first access, so importing this module never needs CE_RAY_MODEL.
+    if name == "app":
+        return app_from_env()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- ce-ray serve --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias or runs:/id/path")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has a GPU, else 0")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per replica (0: Ray's default, = its CPUs)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS)
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a private local one)")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        # "local" unless told otherwise: never attach silently to another cluster on this machine.
+        ray.init(address=args.address or "local", include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    application = build_app(args.model, replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                            max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, cpus_per_replica=args.cpus_per_replica,
+                            gpus_per_replica=args.gpus_per_replica, device=args.device, threads=args.threads)
+    signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd / docker stop clean up like Ctrl-C
+    try:
+        quiet = {"enable_access_log": False, "log_level": "WARNING"}  # Serve's INFO lines would bury the one that matters
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
+        serve.run(application, name=APP_NAME, route_prefix="/", logging_config=quiet)
+        print(f"serving {args.model} at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        try:
+            serve.delete(APP_NAME)
+            if started_ray:
+                serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":  # python -m ce_ray.serve --model URI
+    p = argparse.ArgumentParser(prog="ce_ray.serve")
+    add_arguments(p)
+    raise SystemExit(run_from_args(p.parse_args()))
