@@ -1,0 +1,145 @@
+"""Ray Train overhead: steady-state img/s of Ray Train with 1 worker against the local no-Ray loop
+on the same shards and config, and the time from `ce-ray train` to its first completed step.
+
+    .venv/bin/python bench/train_ray_vs_local.py                        # paper model, batch 16, 12 steps
+    .venv/bin/python bench/train_ray_vs_local.py --config tune_configs/smoke.yaml --steps 60
+
+Prints key=value lines:
+  local_img_per_s / ray_img_per_s   steady state: images over time for steps after --warmup, from the
+                                    loop's own per-step img_per_s (log_every=1), so both paths are
+                                    measured by the same code; epoch boundaries (data re-reads) count
+  ray_over_local                    their ratio (target >= 0.95)
+  first_step_s                      wall time from starting `python -m ce_ray.cli train` (a fresh
+                                    process: imports, local Ray, MLflow store, worker group, data
+                                    pipeline) until rank 0 prints "step 1/"; smoke config, 2 workers
+                                    (what `make demo` runs; target <= 20 s)
+Both throughput runs use the same torch threads per process (all cores: the Ray worker is alone on
+the node) and run back to back; timings on a shared machine are noisy, use --rounds for medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+from ce_ray import config as C  # noqa: E402
+
+
+def steady_img_per_s(history: list[dict], warmup: int) -> float:
+    """Images / seconds over the steps after `warmup`: the harmonic mean of per-step img/s
+    (each report covers one step of the same batch size)."""
+    rates = [h["img_per_s"] for h in history if h["step"] > warmup]
+    if not rates:
+        raise SystemExit(f"no steps after warmup={warmup}: raise --steps")
+    return statistics.harmonic_mean(rates)
+
+
+def run_local(cfg: C.Config, out: Path) -> float:
+    import json
+
+    from ce_ray.local import train_local
+
+    r = train_local(cfg, run_name=f"local-{time.time_ns()}", log=lambda line: None)
+    return steady_img_per_s([json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()], WARMUP)
+
+
+def run_ray(cfg: C.Config) -> float:
+    from ce_ray.train import train
+
+    s = train(cfg, run_name=f"ray-{time.time_ns()}", log=lambda line: None)
+    return steady_img_per_s(s.history, WARMUP)
+
+
+def first_step_seconds(shards: str, work: Path) -> float:
+    """`ce-ray train` on the smoke config in a fresh process, timed to rank 0's first step line."""
+    cmd = [sys.executable, "-u", "-m", "ce_ray.cli", "train", "--config", str(ROOT / "tune_configs" / "smoke.yaml"),
+           f"data.shards={shards}", f"train.output_dir={work / 'first_out'}", f"scale.storage_path={work / 'first_runs'}",
+           "train.log_every=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local cluster, like a user's first run
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if first is None and line.startswith("step 1/"):
+            first = time.perf_counter() - t0
+    if proc.wait() != 0 or first is None:
+        raise SystemExit("ce-ray train failed:\n" + "".join(lines[-40:]))
+    return first
+
+
+WARMUP = 3
+
+
+def main() -> None:
+    global WARMUP
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "tune_configs" / "default.yaml"))
+    ap.add_argument("--shards", help="prepared shards (default: the bundled photos, prepared into a temp dir)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the steady state")
+    ap.add_argument("--batch", type=int, default=16, help="data.batch_size (per worker)")
+    ap.add_argument("--rounds", type=int, default=1, help="local/Ray pairs; medians are printed")
+    ap.add_argument("--skip-first-step", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
+    args = ap.parse_args()
+    WARMUP = args.warmup
+
+    work = Path(tempfile.mkdtemp(prefix="ce_ray_bench_"))
+    shards = args.shards
+    if not shards:
+        from ce_ray.prepare import prepare
+
+        shards = str(work / "shards")
+        prepare("bundled", shards, engine="local", progress=False, rows_per_shard=2)
+    steps = args.steps
+    # One step per report; evaluation and the checkpoint only at the last step (outside the
+    # measured windows: a step's img/s is taken before its evaluation).
+    base = C.load(args.config, [f"data.shards={shards}", f"data.batch_size={args.batch}", f"train.steps={steps}",
+                                "train.log_every=1", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
+                                f"train.output_dir={work / 'out'}", f"scale.storage_path={work / 'runs'}",
+                                "scale.num_workers=1", "scale.cpus_per_worker=1", "mlflow.enabled=false", *args.overrides])
+    # Enough crops per epoch for a few steps, the same in both runs.
+    import ce_ray.train as T
+
+    T._check_enough_data(base)
+    local_rates, ray_rates = [], []
+    for _ in range(args.rounds):
+        local_rates.append(run_local(base, work))
+        ray_rates.append(run_ray(base))
+    local, ray_ = statistics.median(local_rates), statistics.median(ray_rates)
+    print(f"config={Path(args.config).name}")
+    print(f"batch_size={args.batch}")
+    print(f"steps={steps}")
+    print(f"warmup_steps={args.warmup}")
+    print(f"rounds={args.rounds}")
+    print(f"cpu_count={os.cpu_count()}")
+    print(f"local_img_per_s={local:.2f}")
+    print(f"ray_img_per_s={ray_:.2f}")
+    print(f"ray_over_local={ray_ / local:.3f}")
+    if len(local_rates) > 1:
+        print("local_img_per_s_all=" + ",".join(f"{r:.2f}" for r in local_rates))
+        print("ray_img_per_s_all=" + ",".join(f"{r:.2f}" for r in ray_rates))
+    if not args.skip_first_step:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # the timed run starts its own cluster, as a user's would
+        print(f"first_step_s={first_step_seconds(shards, work):.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Helper for tests/test_train.py::test_multinode_two_workers_on_two_nodes (not collected by pytest).
+
+    python tests/multinode_run.py SHARDS WORKDIR PROBE_DIR
+
+Starts a two-node ray.cluster_utils.Cluster on this machine (1 CPU per node, its own temp dir and
+ports, dashboard on 127.0.0.1), trains the smoke config with 2 workers placed STRICT_SPREAD (one
+per node), prints one JSON line, and shuts its cluster down. The workers write probe files (node
+id, generator digests) for the test to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ce_ray import config as C  # noqa: E402
+from ce_ray import train as T  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(shards: str, workdir: str, probe_dir: str) -> None:
+    # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="cemn", dir="/tmp")
+    # The cluster's processes inherit RAY_ADDRESS naming its own GCS: Train's placement-group
+    # cleaner looks the cluster up without an address, which is ambiguous with the other Ray
+    # clusters on this machine (see train._own_cluster_address_for_its_processes).
+    gcs_port = free_port()
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    node = {"num_cpus": 1, "dashboard_agent_listen_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **node, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "temp_dir": temp_dir})
+    try:
+        cluster.add_node(**{**node, "dashboard_agent_listen_port": free_port()})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_config=ray.LoggingConfig(log_level="WARNING"))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        cfg = C.load(ROOT / "tune_configs" / "smoke.yaml", [
+            f"data.shards={shards}", f"train.output_dir={workdir}/out", f"scale.storage_path={workdir}/runs",
+            "scale.num_workers=2", "scale.cpus_per_worker=0.5", "mlflow.enabled=false"])
+        summary = T.train(cfg, run_name="multinode", placement_strategy="STRICT_SPREAD", probe_dir=probe_dir,
+                          log=lambda line: print(line, file=sys.stderr))
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        print(json.dumps({"step": summary.step, "checkpoint": summary.checkpoint, "nodes": nodes}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

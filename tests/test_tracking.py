@@ -1,0 +1,157 @@
+"""tracking.py without Ray: where the store is, the driver's run, rank 0's tracker, and the
+registered generator loading back through checkpoint.resolve("models:/...")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ce_ray import checkpoint as ckpt_io
+from ce_ray import config as C
+from ce_ray import tracking
+from ce_ray.errors import UserError
+from ce_ray.loop import NullTracker
+from ce_ray.model import build_discriminator, build_generator
+
+SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return C.load(SMOKE, [f"train.output_dir={tmp_path / 'out'}", "mlflow.experiment=tracking-test",
+                          "mlflow.registered_model=tracking-test-generator"])
+
+
+@pytest.fixture
+def tiny_checkpoint(cfg, tmp_path) -> Path:
+    torch.manual_seed(0)
+    G, D = build_generator(cfg.model), build_discriminator(cfg.model, cfg.data.fine_size)
+    return ckpt_io.save(tmp_path / "ckpt", G=G, D=D, step=6, config=cfg, optim={"opt_g": {}, "opt_d": {}},
+                        metrics={"val_l2": 0.1})
+
+
+def test_tracking_uri_default_is_sqlite_under_output_dir(cfg, tmp_path):
+    uri = tracking.tracking_uri(cfg)
+    assert uri == f"sqlite:///{(tmp_path / 'out').resolve() / 'mlflow.db'}"
+    assert uri.startswith("sqlite:////")  # absolute: Ray workers run in another directory
+    assert tracking.artifact_location(cfg, uri) == ((tmp_path / "out").resolve() / "mlartifacts").as_uri()
+
+
+def test_tracking_uri_precedence_config_then_env(cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri(cfg) == "http://127.0.0.1:5999"
+    assert tracking.artifact_location(cfg, "http://127.0.0.1:5999") is None  # the server decides
+    explicit = C.replace(cfg, mlflow={"tracking_uri": "sqlite:///rel/m.db"})
+    assert tracking.tracking_uri(explicit) == f"sqlite:///{Path('rel/m.db').resolve()}"
+
+
+def test_file_store_uri_is_a_user_error(cfg, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for bad in ("./mlruns", "file:///tmp/mlruns"):
+        with pytest.raises(UserError, match="sqlite:///"):
+            tracking.tracking_uri(C.replace(cfg, mlflow={"tracking_uri": bad}))
+
+
+def test_disabled_mlflow_gives_no_run_and_noop_trackers(cfg):
+    off = C.replace(cfg, mlflow={"enabled": False})
+    assert tracking.start_run(off, run_name="x", run_path="/nowhere/x", resume=False) is None
+    assert isinstance(tracking.worker_tracker(None, 0), NullTracker)
+    handle = tracking.RunHandle("sqlite:////tmp/never.db", "1", "abc")
+    assert isinstance(tracking.worker_tracker(handle, 1), NullTracker)  # only rank 0 talks to MLflow
+    assert isinstance(tracking.worker_tracker(handle, 0), tracking.MlflowTracker)
+
+
+def test_run_params_metrics_artifacts_and_resume(cfg, tmp_path):
+    h = tracking.start_run(cfg, run_name="r1", run_path="/storage/r1", resume=False)
+    client = MlflowClient(h.tracking_uri)
+    exp = client.get_experiment(h.experiment_id)
+    assert exp.artifact_location == ((tmp_path / "out").resolve() / "mlartifacts").as_uri()
+    run = client.get_run(h.run_id)
+    assert run.data.params == {k: str(v) for k, v in C.flatten(cfg).items()}
+    assert run.data.tags[tracking.TAG_RUN_PATH] == "/storage/r1"
+
+    # What rank 0 does through loop.run's tracker interface.
+    tracker = tracking.MlflowTracker(tracking.RunHandle.from_dict(h.to_dict()))
+    tracker.log_metrics({"loss_g": 0.5, "img_per_s": 10.0}, step=2)
+    tracker.log_metrics({"loss_g": 0.25, "img_per_s": 12.0}, step=4)
+    png = tmp_path / "samples_step0000004.png"
+    png.write_bytes(b"\x89PNG fake")
+    tracker.log_artifact(png, "samples")
+    hist = client.get_metric_history(h.run_id, "loss_g")
+    assert [(m.step, m.value) for m in hist] == [(2, 0.5), (4, 0.25)]
+    assert [f.path for f in client.list_artifacts(h.run_id, "samples")] == ["samples/samples_step0000004.png"]
+    assert Path(tracking.artifact_dir(h), "samples", png.name).is_file()  # a local folder the user can open
+
+    # Resuming the same Ray run reopens the same MLflow run; a changed param becomes a tag.
+    more = C.replace(cfg, train={"steps": 60})
+    h2 = tracking.start_run(more, run_name="r1", run_path="/storage/r1", resume=True)
+    assert h2.run_id == h.run_id
+    tags = client.get_run(h.run_id).data.tags
+    assert tags["resumed.train.steps"] == "60"
+    assert client.get_run(h.run_id).data.params["train.steps"] == str(cfg.train.steps)
+    # A fresh run with the same name is a different MLflow run.
+    h3 = tracking.start_run(cfg, run_name="r1", run_path="/storage/other", resume=True)
+    assert h3.run_id != h.run_id
+    tracking.end_run(h, "FINISHED")
+    assert client.get_run(h.run_id).info.status == "FINISHED"
+
+
+def test_tracker_survives_an_unreachable_store(capsys):
+    # A tracking-store hiccup must not kill training: warn and go on.
+    t = tracking.MlflowTracker(tracking.RunHandle("http://127.0.0.1:9", "0", "nope"))
+    t.client = type("Broken", (), {"log_batch": lambda *a, **k: (_ for _ in ()).throw(OSError("down")),
+                                   "log_artifact": lambda *a, **k: (_ for _ in ()).throw(OSError("down"))})()
+    t.log_metrics({"a": 1.0}, 1)
+    t.log_artifact(Path("/nonexistent.png"), "samples")
+    assert "MLflow log_metrics failed" in capsys.readouterr().err
+
+
+def test_registered_generator_resolves_and_loads(cfg, tiny_checkpoint):
+    h = tracking.start_run(cfg, run_name="reg", run_path="/storage/reg", resume=False)
+    tracking.log_checkpoint(h, tiny_checkpoint)
+    uri = tracking.register_generator(h, tiny_checkpoint, cfg)
+    assert uri == f"models:/{cfg.mlflow.registered_model}/1"
+    mlflow.set_tracking_uri(h.tracking_uri)
+
+    # ce-ray's own path (Serve, evaluate): the checkpoint directory inside the model version.
+    found = ckpt_io.resolve(uri)
+    assert (found / ckpt_io.META_FILE).is_file() and (found / ckpt_io.MODEL_FILE).is_file()
+    assert not (found / ckpt_io.OPTIM_FILE).exists()  # the exported model carries no optimiser state
+    g = ckpt_io.load_generator(uri)
+    assert g.step == 6 and g.config.model == cfg.model
+    want = ckpt_io.load(tiny_checkpoint).G
+    for k, v in g.model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+    # No pickled code anywhere in the model: the pyfunc is logged from ce_ray/mlflow_model.py.
+    model_dir = Path(mlflow.artifacts.download_artifacts(uri))
+    assert not list(model_dir.rglob("*.pkl")) and not list(model_dir.rglob("*.pickle"))
+    assert (model_dir / "MLmodel").is_file()
+    reqs = (model_dir / "requirements.txt").read_text()
+    assert "torch==" in reqs and "ce-ray==" in reqs
+
+    # Generic MLflow tooling loads it too, and it inpaints only the hole.
+    model = mlflow.pyfunc.load_model(uri)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 128, 128)).astype(np.float32)
+    out = model.predict(x)
+    assert out.shape == x.shape
+    assert np.array_equal(out[:, :, :32, :], x[:, :, :32, :])  # context outside the centre is untouched
+    assert not np.array_equal(out[:, :, 40:88, 40:88], x[:, :, 40:88, 40:88])
+
+    # The final checkpoint is in the run too (with optimiser state, for resuming elsewhere).
+    names = {f.path for f in MlflowClient(h.tracking_uri).list_artifacts(h.run_id, "checkpoint")}
+    assert {"checkpoint/meta.json", "checkpoint/model.pt", "checkpoint/optim.pt"} <= names
+    tracking.end_run(h)
+
+
+def test_deleted_experiment_is_a_user_error(cfg):
+    h = tracking.start_run(cfg, run_name="d", run_path="/storage/d", resume=False)
+    MlflowClient(h.tracking_uri).delete_experiment(h.experiment_id)
+    with pytest.raises(UserError, match="deleted"):
+        tracking.start_run(cfg, run_name="d2", run_path="/storage/d2", resume=False)
