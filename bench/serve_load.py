@@ -57,50 +57,64 @@ def paper_checkpoint(dest: Path) -> str:
     return str(checkpoint.save(dest, G=build_generator(cfg.model), D=build_discriminator(cfg.model), step=0, config=cfg, rng=False))
 
 
-def raw_timings(model_uri: str, image: bytes, batch_sizes: list[int], threads: int, repeats: int) -> dict[str, float]:
-    """Generator forward per batch size, and everything else one request costs in the replica
-    (decode, plan, window crop, paste, PNG encode), with the replica's thread count."""
-    import torch
+class Raw:
+    """The generator forward per batch size, and everything else one request costs in the replica
+    (decode, plan, window crop, paste, PNG encode), with the replica's thread count. Runs as a Ray
+    actor: Ray workers (replicas included) run at nice 15, so on a busy machine a measurement in
+    this (nice 0) process would flatter the raw forward. Measured again before every load level
+    and averaged: on a shared machine the load drifts."""
 
-    from ce_ray import inpaint as I
-    from ce_ray.checkpoint import load_generator
+    def __init__(self, model_uri: str, image: bytes, batch_sizes: list[int], threads: int):
+        import torch
 
-    torch.set_num_threads(threads)
-    loaded = load_generator(model_uri, "cpu")
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        for b in batch_sizes:
-            x = torch.randn(b, 3, 128, 128)
-            loaded.model(x)  # warm-up
+        from ce_ray.checkpoint import load_generator
+
+        torch.set_num_threads(threads)
+        self.loaded, self.image, self.batch_sizes = load_generator(model_uri, "cpu"), image, batch_sizes
+        self.samples: dict[str, list[float]] = {}
+
+    def measure(self, repeats: int) -> None:
+        import torch
+
+        from ce_ray import inpaint as I
+
+        with torch.no_grad():
+            for b in self.batch_sizes:
+                x = torch.randn(b, 3, 128, 128)
+                self.loaded.model(x)  # warm-up
+                t = time.perf_counter()
+                for _ in range(repeats):
+                    self.loaded.model(x)
+                self.samples.setdefault(f"raw_forward_ms_batch{b}", []).append((time.perf_counter() - t) / repeats * 1e3)
+        spent = 0.0
+        for _ in range(repeats):
             t = time.perf_counter()
-            for _ in range(repeats):
-                loaded.model(x)
-            out[f"raw_forward_ms_batch{b}"] = (time.perf_counter() - t) / repeats * 1e3
-    t_codec = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        rgb = I.image_rgb(I.read_image(image))
-        p = I.plan(loaded, rgb, None)
-        chosen = p.next_round()
-        inputs = [p.window_input(i) for i in chosen]
-        t_codec += time.perf_counter() - t
-        pred = np.zeros((len(inputs), 3, 128, 128), np.float32)  # the forward is timed above
-        t = time.perf_counter()
-        for i, o in zip(chosen, pred):
-            p.paste(i, o)
-        I.encode_png(p.result())
-        t_codec += time.perf_counter() - t
-    out["codec_ms"] = t_codec / repeats * 1e3
-    return out
+            p = I.plan(self.loaded, I.image_rgb(I.read_image(self.image)), None)
+            chosen = p.next_round()
+            for i in chosen:
+                p.window_input(i)
+            for i in chosen:  # the forward is timed above
+                p.paste(i, np.zeros((3, 128, 128), np.float32))
+            I.encode_png(p.result())
+            spent += time.perf_counter() - t
+        self.samples.setdefault("codec_ms", []).append(spent / repeats * 1e3)
+
+    def summary(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) for k, v in self.samples.items()}
 
 
 def load(url: str, image: bytes, concurrency: int, n: int) -> dict[str, float]:
-    """n POSTs from `concurrency` threads, each with its own keep-alive session."""
+    """n POSTs from `concurrency` threads, each with its own keep-alive session. The multipart body is
+    encoded once: the client's own CPU use would otherwise compete with the server on a small machine."""
     import requests
+    from urllib3.filepost import encode_multipart_formdata
+
+    body, content_type = encode_multipart_formdata({"image": ("photo.png", image, "image/png")})
 
     local = threading.local()
     lat: list[float] = []
     batches: list[int] = []
+    server: list[dict[str, float]] = []  # the replica's Server-Timing: decode, batch (queue + model), model, encode
     errors = 0
     lock = threading.Lock()
 
@@ -110,7 +124,7 @@ def load(url: str, image: bytes, concurrency: int, n: int) -> dict[str, float]:
         local.s = s
         t = time.perf_counter()
         try:
-            r = s.post(url, files={"image": ("photo.png", image, "image/png")}, timeout=120)
+            r = s.post(url, data=body, headers={"Content-Type": content_type}, timeout=120)
             ok = r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
         except requests.RequestException:
             ok, r = False, None
@@ -119,16 +133,32 @@ def load(url: str, image: bytes, concurrency: int, n: int) -> dict[str, float]:
             if ok:
                 lat.append(dt)
                 batches.append(int(r.headers.get("X-Ce-Ray-Batch", 1)))
+                timing = dict(part.strip().split(";dur=") for part in r.headers.get("Server-Timing", "").split(",") if ";dur=" in part)
+                server.append({k: float(v) for k, v in timing.items()})
             else:
                 errors += 1
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n)))
-    wall = time.perf_counter() - start
+    return {"lat": lat, "batches": batches, "server": server, "errors": errors, "wall": time.perf_counter() - start, "n": n}
+
+
+def merge(parts: list[dict]) -> dict[str, float]:
+    """Percentiles over all latencies; requests/s = successes / wall time, over all parts."""
+    lat = [x for p in parts for x in p["lat"]]
+    batches = [x for p in parts for x in p["batches"]]
     ms = np.array(lat) * 1e3 if lat else np.array([float("nan")])
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "req_per_s": len(lat) / wall, "errors": errors, "mean_batch": float(np.mean(batches)) if batches else 0.0, "requests": n}
+    server = [x for p in parts for x in p["server"]]
+    out = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
+           "req_per_s": len(lat) / sum(p["wall"] for p in parts), "errors": sum(p["errors"] for p in parts),
+           "mean_batch": float(np.mean(batches)) if batches else 0.0, "requests": sum(p["n"] for p in parts)}
+    if server:  # medians of what the replica itself measured
+        for key in ("decode", "batch", "model", "encode"):
+            out[f"replica_{key}_p50_ms"] = float(np.median([t.get(key, np.nan) for t in server]))
+        handler = [t["decode"] + t["batch"] + t["encode"] for t in server]
+        out["outside_handler_p50_ms"] = float(np.median(np.array(lat) * 1e3 - np.array(handler)))  # HTTP, proxy, multipart
+    return out
 
 
 def main() -> int:
@@ -167,45 +197,57 @@ def main() -> int:
     kv(model=args.model or "paper-size generator (untrained)", image=args.image, image_bytes=len(image), threads=args.threads,
        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
 
-    raw = raw_timings(model, image, sorted({1, args.max_batch_size}), args.threads, repeats=20)
-    kv(**raw)
-    b = args.max_batch_size
-    kv(**{f"raw_forward_ms_per_image_batch{b}": raw[f"raw_forward_ms_batch{b}"] / b})
-
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/ce_ray_bench/{os.getpid()}",
              logging_config=ray.LoggingConfig(log_level="ERROR"))
+    raw = ray.remote(num_cpus=0)(Raw).remote(model, image, sorted({1, args.max_batch_size}), args.threads)
     results: dict[tuple[str, int], dict] = {}
+    quiet = {"enable_access_log": False, "log_level": "ERROR"}
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})  # loopback only
-        url = f"http://127.0.0.1:{port}/v1/inpaint"
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)  # loopback only
+        # Batching on and off as two apps side by side (one replica each, idle when not called), so
+        # the two modes are measured in alternating halves under the same machine load.
+        urls = {}
         for mode, size in (("on", args.max_batch_size), ("off", 1)):
             serve.run(build_app(model, max_batch_size=size, batch_wait_ms=args.batch_wait_ms if size > 1 else 0.0,
                                 threads=args.threads, cpus_per_replica=args.cpus_per_replica),
-                      name="bench", route_prefix="/", logging_config={"enable_access_log": False, "log_level": "ERROR"})
-            load(url, image, 4, 16)  # warm-up: connections, first batches
-            for c in levels:
-                r = load(url, image, c, max(10, args.requests // 4) if c == 1 else args.requests)
+                      name=f"bench-{mode}", route_prefix=f"/{mode}", logging_config=quiet)
+            urls[mode] = f"http://127.0.0.1:{port}/{mode}/v1/inpaint"
+            load(urls[mode], image, 4, 16)  # warm-up: connections, first batches
+        for c in levels:
+            ray.get(raw.measure.remote(repeats=5))
+            n = max(10, args.requests // 4) if c == 1 else args.requests
+            parts: dict[str, list[dict]] = {"on": [], "off": []}
+            for mode in ("on", "off", "on", "off"):
+                parts[mode].append(load(urls[mode], image, c, n // 2))
+            for mode, halves in parts.items():
+                r = merge(halves)
                 results[(mode, c)] = r
                 kv(**{f"batching_{mode}_c{c}_{k}": v for k, v in r.items()})
+        ray.get(raw.measure.remote(repeats=5))
+        summary = ray.get(raw.summary.remote())
+        b = args.max_batch_size
+        kv(**summary, **{f"raw_forward_ms_per_image_batch{b}": summary[f"raw_forward_ms_batch{b}"] / b})
         if args.soak:
-            serve.run(build_app(model, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, threads=args.threads,
-                                cpus_per_replica=args.cpus_per_replica),
-                      name="bench", route_prefix="/", logging_config={"enable_access_log": False, "log_level": "ERROR"})
             c = max(levels)
-            r = load(url, image, c, args.soak)
+            r = merge([load(urls["on"], image, c, args.soak)])
             kv(**{f"soak_c{c}_{k}": v for k, v in r.items()})
-        serve.delete("bench")
+        for mode in urls:
+            serve.delete(f"bench-{mode}")
     finally:
         serve.shutdown()
         ray.shutdown()
 
+    raw = summary
     # The issue's targets, as ratios (measured above in this same run).
     base = raw["raw_forward_ms_batch1"] + raw["codec_ms"]
     if ("off", 1) in results:
         kv(single_latency_over_raw_plus_codec_batching_off=results[("off", 1)]["p50_ms"] / base)
     if ("on", 1) in results:
         kv(single_latency_over_raw_plus_codec_batching_on=results[("on", 1)]["p50_ms"] / base)
+    if ("off", 1) in results and "replica_model_p50_ms" in results[("off", 1)]:
+        r = results[("off", 1)]  # the same ratio against the forward the replica itself timed
+        kv(single_latency_over_replica_model_plus_codec_batching_off=r["p50_ms"] / (r["replica_model_p50_ms"] + raw["codec_ms"]))
     for c in levels:
         if c > 1 and ("on", c) in results and ("off", c) in results:
             kv(**{f"throughput_gain_batching_c{c}": results[("on", c)]["req_per_s"] / results[("off", c)]["req_per_s"]})
