@@ -1,0 +1,173 @@
+"""`ce-ray tune` end to end: tune_configs/sweep_smoke.yaml through the real CLI, interrupted with
+SIGINT (Ctrl-C) once a trial has ended, then resumed with --resume; checked on disk and in MLflow.
+
+One sweep serves both tests (a sweep costs minutes on 2 cores). It runs in a subprocess with
+its own local Ray cluster, started by train.connect_ray with its address in its processes'
+environment: Train's placement-group cleaner, which frees the CPUs of a trial that ASHA stopped,
+would otherwise ask whichever Ray cluster it auto-detects on this machine.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ce_ray import sweep as S
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_TRIAL_TIMEOUT_S = 900  # generous: other test sessions share these 2 cores
+STOP_TIMEOUT_S = 300
+RESUME_TIMEOUT_S = 1200
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "MLFLOW_TRACKING_URI"):  # a private cluster and store
+        env.pop(k, None)
+    return env
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Only the process this test started: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _ledgers(sweep_dir: Path) -> dict[str, dict]:
+    return {t["trial_id"]: t for t in S.read_ledgers(sweep_dir)}
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(bundled_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_smoke")
+    cmd = [sys.executable, "-m", "ce_ray.cli", "tune", "tune_configs/sweep_smoke.yaml", f"data.shards={bundled_shards}",
+           f"train.output_dir={root / 'out'}", f"scale.storage_path={root / 'ray'}"]
+    sweep_dir = root / "ray" / "sweeps" / "smoke"
+
+    # 1. Start the sweep; Ctrl-C it as soon as one trial has ended.
+    log1 = root / "first.log"
+    with open(log1, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + FIRST_TRIAL_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(t["status"] in S.ENDED for t in _ledgers(sweep_dir).values()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the sweep ended before it could be interrupted (rc {proc.returncode}):\n{_tail(log1)}"
+        assert time.monotonic() < deadline, f"no trial ended within {FIRST_TRIAL_TIMEOUT_S} s:\n{_tail(log1)}"
+        proc.send_signal(signal.SIGINT)
+        rc1 = proc.wait(timeout=STOP_TIMEOUT_S)
+    finally:
+        _stop(proc)
+    after_interrupt = _ledgers(sweep_dir)
+
+    # 2. Resume it to the end.
+    log2 = root / "resume.log"
+    with open(log2, "w") as f:
+        res = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=RESUME_TIMEOUT_S)
+    return {"dir": sweep_dir, "rc1": rc1, "log1": log1, "rc2": res.returncode, "log2": log2,
+            "after_interrupt": after_interrupt, "final": _ledgers(sweep_dir), "tracking_uri": f"sqlite:///{root / 'out' / 'mlflow.db'}"}
+
+
+def test_resume_after_interruption_keeps_finished_trials(smoke_sweep):
+    s = smoke_sweep
+    assert s["rc1"] == 130, _tail(s["log1"])  # interrupted, and says so
+    assert "--resume" in s["log1"].read_text(), "the interrupted sweep must print how to resume it"
+    assert s["rc2"] == 0, _tail(s["log2"])
+    before, final = s["after_interrupt"], s["final"]
+    finished = {tid: t for tid, t in before.items() if t["status"] in S.ENDED}
+    assert finished, "no trial had ended when the sweep was interrupted"
+    for tid, t in finished.items():  # kept as they were, never run again
+        assert final[tid]["starts"] == 1 and final[tid]["status"] == t["status"] and final[tid]["best"] == t["best"], final[tid]
+    cut = [tid for tid, t in before.items() if t["status"] not in S.ENDED]
+    assert all(before[tid]["status"] == "interrupted" for tid in cut), before
+    assert len(final) == 4 and all(t["status"] in ("completed", "stopped_early") for t in final.values()), final
+    for tid in cut:  # restarted trials continue their own Train run (named by the trial) to the end
+        assert final[tid]["starts"] == 2
+        assert (s["dir"] / S.RUNS_DIR / S.run_name_for("smoke", tid)).is_dir()
+
+
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    from mlflow.tracking import MlflowClient
+
+    s = smoke_sweep
+    assert s["rc2"] == 0, _tail(s["log2"])
+    final = s["final"]
+    assert len(final) == 4
+    statuses = [t["status"] for t in final.values()]
+    assert "stopped_early" in statuses, f"ASHA stopped no trial early: {statuses}"
+    assert all(t["last_step"] == t["steps"] for t in final.values() if t["status"] == "completed")
+    assert all(t["last_step"] < t["steps"] for t in final.values() if t["status"] == "stopped_early")
+    for t in final.values():  # λadv = 1 − λrec in every trial
+        assert t["params"]["loss.lambda_adv"] == pytest.approx(1 - t["params"]["loss.lambda_rec"])
+
+    # The ranking: printed and written as CSV, best val_l2 first.
+    with open(s["dir"] / S.RANKING_FILE) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"] and {r["trial_id"] for r in rows} == set(final)
+    values = [float(r["val_l2"]) for r in rows]
+    assert values == sorted(values)
+    out = s["log2"].read_text()
+    assert "rank  trial_id" in out and rows[0]["trial_id"] in out
+
+    # MLflow: a parent run, one child per trial with params, per-step metrics and status.
+    client = MlflowClient(s["tracking_uri"])
+    exp = client.get_experiment_by_name("ce-ray-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("ce_ray.sweep") == "smoke" and "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {r.data.tags["ce_ray.trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(final)
+    for tid, run in children.items():
+        assert run.data.tags["ce_ray.trial_status"] == final[tid]["status"]
+        assert float(run.data.params["optim.lr_g"]) == pytest.approx(final[tid]["params"]["optim.lr_g"])
+        assert run.data.params["mlflow.enabled"] == "False"  # the trial itself did not track; the sweep did
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_g")]
+        assert steps == sorted(steps) and len(steps) >= 2 and steps[-1] == final[tid]["last_step"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_l2")]
+
+    # The best trial's generator, registered and tagged with the sweep and its metric.
+    model_uri = parent.data.tags["ce_ray.best_model"]
+    name, version = model_uri[len("models:/"):].rsplit("/", 1)
+    mv = client.get_model_version(name, version)
+    best = rows[0]
+    assert mv.tags["ce_ray.sweep"] == "smoke" and mv.tags["ce_ray.metric"] == "val_l2"
+    assert float(mv.tags["ce_ray.val_l2"]) == pytest.approx(float(best["val_l2"]))
+    assert mv.run_id == children[best["trial_id"]].info.run_id
+    assert parent.data.metrics["best_val_l2"] == pytest.approx(float(best["val_l2"]))
+
+    import mlflow
+
+    from ce_ray import checkpoint as ckpt_io
+
+    # models:/ URIs resolve through MLflow's global tracking and registry URIs (what a user sets
+    # with MLFLOW_TRACKING_URI); point them at the sweep's store for this load only.
+    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(s["tracking_uri"])
+    mlflow.set_registry_uri(s["tracking_uri"])
+    try:
+        loaded = ckpt_io.load_generator(model_uri)
+    finally:
+        mlflow.set_tracking_uri(old[0])
+        mlflow.set_registry_uri(old[1])
+    assert loaded.config.optim.lr_g == pytest.approx(final[best["trial_id"]]["params"]["optim.lr_g"])
+    assert loaded.step == int(best["step"])
