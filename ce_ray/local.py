@@ -9,6 +9,7 @@ Layout of a run: <train.output_dir>/<run name>/
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -54,7 +55,7 @@ class LocalResult:
     metrics: dict[str, float]
 
 
-def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = False, tracker=None, log=print) -> LocalResult:
+def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = False, tracker=None, log=None) -> LocalResult:
     from ce_ray.local_data import LocalTrainStream, load_val  # pyarrow readers, no Ray
 
     name = run_name or cfg.scale.run_name or fresh_run_name()
@@ -86,7 +87,7 @@ def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = Fals
                 shutil.rmtree(old, ignore_errors=True)
 
     env = WorkerEnv(train_batches=stream.epoch, val_data=lambda: load_val(cfg), report=report, restore=restore,
-                    device=device, tracker=tracker or FolderTracker(run_dir), log=log)
+                    device=device, tracker=tracker or FolderTracker(run_dir), log=log or functools.partial(print, flush=True))
     run(cfg, env)
     if state["checkpoint"] is None:
         raise UserError("training finished without writing a checkpoint")  # cannot happen: the last step always checkpoints

@@ -9,6 +9,7 @@ rank 0 validates, writes picture grids and checkpoints, and talks to the tracker
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import tempfile
@@ -50,7 +51,7 @@ class WorkerEnv:
     device: torch.device | None = None
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP under Ray Train
     tracker: object = field(default_factory=NullTracker)
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = functools.partial(print, flush=True)  # progress shows up in logs promptly
 
 
 def _fmt_eta(seconds: float) -> str:
