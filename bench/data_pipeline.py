@@ -1,7 +1,8 @@
 """Data-path benchmark: Ray Data vs a plain torch Dataset + DataLoader, data stall, memory vs size.
 
-    .venv/bin/python bench/data_pipeline.py                    # ~2-3 min on 2 CPU cores
-    .venv/bin/python bench/data_pipeline.py --shards 32 --scale 10 --train-batch 64 --train-steps 10
+    .venv/bin/python bench/data_pipeline.py                    # ~3-4 min on a shared 2-core box
+    .venv/bin/python bench/data_pipeline.py --skip memory      # ~1 min: throughput and stall only
+    .venv/bin/python bench/data_pipeline.py --shards 32 --mem-shards 32 --mem-repeats 5 --train-batch 64 --train-steps 10
 
 Prints key=value lines, all measured in this one run on this machine:
 - ray_img_per_s: the Ray Data pipeline alone (ce_ray.data: read -> decode -> crop -> flip -> hole
@@ -10,16 +11,23 @@ Prints key=value lines, all measured in this one run on this machine:
   --loader-workers processes) over the same shards.
 - stall_ratio: GanStep (the real Context Encoder step, ce_ray/step.py) images/s fed by Ray Data /
   the same steps fed from in-memory tensors (target >= 0.90). The in-memory runs bracket the Ray
-  run and are averaged, so drift from other load on the machine cancels out.
-- peak_rss_ratio / peak_pss_ratio: peak memory of the whole process tree (driver, GCS, raylet,
-  Ray workers) streaming --scale x more shards / the 1x case (target <= 1.10). Both cases stream
+  run and are averaged, so drift from other load on the machine cancels out. The step uses
+  --train-threads torch threads (default 1: what a Ray Train worker gets, OMP_NUM_THREADS=1), so
+  the data path has the rest of the machine, as it does under Ray Train.
+- peak_rss_ratio / peak_pss_ratio: median (over --mem-repeats runs) peak memory of the whole
+  process tree (driver, GCS, raylet, Ray workers) streaming --scale x more shards (--mem-shards
+  for 1x) / the 1x case (target <= 1.10). Both cases stream
   the same number of crops (1x: --scale epochs; --scale x: one epoch), so the ratio isolates the
   dataset's size from allocator warm-up, which grows with work done, not with data. Each case
   runs in a fresh subprocess with its own Ray cluster; /proc is sampled every 0.2 s. RSS counts
-  shared pages once per process; PSS splits them, so it is the fair sum (Linux only).
-The whole benchmark runs at niceness 15, the niceness Ray gives its worker processes: otherwise
-the driver's training threads and the DataLoader processes (niceness 0) would get ~30x the CPU
-share of Ray's decode workers whenever anything else loads the machine.
+  shared pages once per process; PSS splits them, so it is the fair sum (Linux only). A single
+  run's peak moves by up to ~10% with which Ray worker processes are alive and how warm their
+  heaps are at that moment, so use --mem-repeats 5 for a tighter ratio.
+Ray workers run at niceness 0 here (RAY_worker_niceness=0), like the driver and the DataLoader
+processes. Ray's default (+15) would give the driver's training threads and the DataLoader
+processes ~30x the CPU share of the decode workers whenever anything else loads the machine;
+under Ray Train the training workers are Ray workers too, so the two sides are equal there as
+well.
 The shards are the bundled photos (prepared once) replicated under new keys: --photos-per-shard
 rows per file, --shards files for the 1x case.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,17 +98,21 @@ def _rss_pss_kb(pid: int) -> tuple[int, int]:
         return 0, 0  # the process ended between listing and reading
 
 
-def peak_memory(cmd: list[str]) -> tuple[float, float, str]:
-    """Run cmd; return (peak summed RSS MiB, peak summed PSS MiB, its stdout)."""
+def peak_memory(cmd: list[str]) -> tuple[float, float, str, int]:
+    """Run cmd; return (peak summed RSS MiB, peak summed PSS MiB, its stdout, processes at the
+    PSS peak)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = [0, 0]
+    peak = [0, 0, 0]
 
     def sample() -> None:
         while proc.poll() is None:
             rss = pss = 0
-            for p in _tree(proc.pid):
+            tree = _tree(proc.pid)
+            for p in tree:
                 r, s = _rss_pss_kb(p)
                 rss, pss = rss + r, pss + s
+            if pss > peak[1]:
+                peak[2] = len(tree)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.2)
 
@@ -109,7 +122,7 @@ def peak_memory(cmd: list[str]) -> tuple[float, float, str]:
     t.join()
     if proc.returncode != 0:
         raise SystemExit(f"memory child failed ({proc.returncode}): {' '.join(cmd)}")
-    return peak[0] / 1024, peak[1] / 1024, out
+    return peak[0] / 1024, peak[1] / 1024, out, peak[2]
 
 
 # --- Ray side --------------------------------------------------------------------------------------
@@ -117,6 +130,7 @@ def peak_memory(cmd: list[str]) -> tuple[float, float, str]:
 
 def init_ray(cpus: int, object_store_mb: int, tmp: str) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_worker_niceness"] = "0"  # see the module docstring
     import ray
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=object_store_mb * 2**20,
@@ -129,16 +143,14 @@ def init_ray(cpus: int, object_store_mb: int, tmp: str) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def ray_epoch(ds, cfg, consume=None) -> tuple[int, float, float]:
+def ray_epoch(ds, cfg) -> tuple[int, float, float]:
     """(images, seconds, first-batch seconds) for one epoch through iter_train_batches."""
     from ce_ray.data import iter_train_batches
 
     n, t0, first = 0, time.perf_counter(), None
-    for images, holes in iter_train_batches(ds.iterator(), cfg, "cpu"):
+    for images, _ in iter_train_batches(ds.iterator(), cfg, "cpu"):
         if first is None:
             first = time.perf_counter() - t0
-        if consume:
-            consume(images, holes)
         n += len(images)
     return n, time.perf_counter() - t0, first or 0.0
 
@@ -149,7 +161,7 @@ def rss_child(args) -> None:
     from ce_ray.data import build_train_dataset
 
     cfg = bench_cfg(args.rss_child, args.batch, args)
-    ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus)
+    ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
     n = secs = 0
     for _ in range(args.epochs):
         ni, si, _ = ray_epoch(ds, cfg)
@@ -165,7 +177,8 @@ def bench_cfg(shards: str, batch: int, args) -> config.Config:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=8, help="shards in the 1x dataset (throughput, stall, memory)")
-    ap.add_argument("--mem-shards", type=int, default=4, help="shards in the 1x dataset of the memory runs")
+    ap.add_argument("--mem-shards", type=int, default=8, help="shards in the 1x dataset of the memory runs")
+    ap.add_argument("--mem-repeats", type=int, default=2, help="memory runs per case (alternating); the median peak counts")
     ap.add_argument("--photos-per-shard", type=int, default=64)
     ap.add_argument("--scale", type=int, default=10, help="the large memory case has scale x more shards")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the throughput runs")
@@ -173,15 +186,18 @@ def main() -> None:
     ap.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes of the torch baseline")
     ap.add_argument("--train-batch", type=int, default=16, help="batch of the stall runs (the paper's 64 takes ~8 s a step on 2 cores)")
     ap.add_argument("--train-steps", type=int, default=6, help="timed steps per stall run (after 1 warm-up step)")
+    ap.add_argument("--train-threads", type=int, default=1, help="torch threads of the stall runs' step")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--data-task-cpus", type=float, default=None, help="ce_ray.data.DATA_TASK_CPUS override")
+    ap.add_argument("--read-ahead-mb", type=int, default=0, help="read-ahead cap override in MiB (0: ce_ray.data.read_ahead_bytes())")
     ap.add_argument("--object-store-mb", type=int, default=1024, help="object store of the memory runs (fixed so both cases get the same)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,stall,memory")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ray-tmp", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.read_ahead = args.read_ahead_mb * 2**20 or None  # None: data.read_ahead_bytes()
     from ce_ray.data import DATA_TASK_CPUS
 
     if args.data_task_cpus is None:
@@ -189,7 +205,6 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args)
     skip = set(filter(None, args.skip.split(",")))
-    os.nice(max(0, 15 - os.nice(0)))  # see the module docstring
 
     import torch
 
@@ -202,9 +217,10 @@ def main() -> None:
     small = make_shards(work / "x1", base, args.shards, args.photos_per_shard)
     n1 = args.shards * args.photos_per_shard
     print(f"cpus={args.cpus}")
-    print(f"niceness={os.nice(0)}")
+    print("ray_worker_niceness=0")
     print(f"torch_threads={torch.get_num_threads()}")
     print(f"data_task_cpus={args.data_task_cpus}")
+    print(f"read_ahead_mb={args.read_ahead_mb or 'default (ce_ray.data.read_ahead_bytes)'}")
     print(f"dataset_images={n1}")
     print(f"shard_mb={os.path.getsize(Path(small) / 'train' / 'part-00000.parquet') / 2**20:.1f}")
 
@@ -215,7 +231,7 @@ def main() -> None:
 
     if "throughput" not in skip:
         cfg = bench_cfg(small, args.batch, args)
-        ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus)
+        ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
         ray_epoch(ds, cfg)  # warm-up epoch: worker processes start and import torch
         n, secs, first = ray_epoch(ds, cfg)
         print(f"ray_img_per_s={n / secs:.1f}")
@@ -232,6 +248,8 @@ def main() -> None:
         from ce_ray.step import GanStep
 
         cfg = bench_cfg(small, args.train_batch, args)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.train_threads)
         torch.manual_seed(0)
         step = GanStep(build_generator(cfg.model), build_discriminator(cfg.model, cfg.data.fine_size), cfg, torch.device("cpu"))
         mem = list(LocalTrainStream(config.replace(cfg, data={"loader_workers": 0})).epoch(0))[: args.train_steps + 1]
@@ -246,7 +264,7 @@ def main() -> None:
         def from_ray() -> float:
             from ce_ray.data import iter_train_batches
 
-            it = iter_train_batches(build_train_dataset(cfg, cpus_per_task=args.data_task_cpus).iterator(), cfg, "cpu")
+            it = iter_train_batches(build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead).iterator(), cfg, "cpu")
             step(*next(it))  # warm-up; includes the epoch start
             t0 = time.perf_counter()
             for _ in range(args.train_steps):
@@ -260,9 +278,11 @@ def main() -> None:
         b = in_memory()
         print("train_step=ce_ray.step.GanStep (paper model: center variant, 4000-d bottleneck)")
         print(f"train_batch={args.train_batch}")
+        print(f"train_threads={args.train_threads}")
         print(f"train_img_per_s_in_memory={(a + b) / 2:.2f}")
         print(f"train_img_per_s_ray_data={r:.2f}")
         print(f"stall_ratio={r / ((a + b) / 2):.3f}")
+        torch.set_num_threads(threads)
 
     if {"throughput", "stall"} - skip:
         import ray
@@ -273,10 +293,21 @@ def main() -> None:
         one = make_shards(work / "m1", base, args.mem_shards, args.photos_per_shard)
         big = make_shards(work / f"m{args.scale}", base, args.mem_shards * args.scale, args.photos_per_shard)
         me = [sys.executable, __file__, "--batch", str(args.batch), "--cpus", str(args.cpus), "--object-store-mb", str(args.object_store_mb),
-              "--shuffle-buffer", str(args.shuffle_buffer), "--data-task-cpus", str(args.data_task_cpus), "--ray-tmp", ray_tmp]
-        rss1, pss1, out1 = peak_memory(me + ["--rss-child", one, "--epochs", str(args.scale)])
-        rssk, pssk, outk = peak_memory(me + ["--rss-child", big])
-        i1, ik = json.loads(out1.strip().splitlines()[-1]), json.loads(outk.strip().splitlines()[-1])
+              "--shuffle-buffer", str(args.shuffle_buffer), "--data-task-cpus", str(args.data_task_cpus), "--read-ahead-mb", str(args.read_ahead_mb), "--ray-tmp", ray_tmp]
+        runs: dict[str, list] = {"1": [], "k": []}
+        for _ in range(args.mem_repeats):  # alternate, so drifting machine load hits both cases
+            runs["1"].append(peak_memory(me + ["--rss-child", one, "--epochs", str(args.scale)]))
+            runs["k"].append(peak_memory(me + ["--rss-child", big]))
+        # Median: a run's peak moves by +-10% with which worker processes happen to be alive and
+        # how fragmented their heaps are at that moment (measured), independent of the data size.
+        med = lambda rs, i: statistics.median(r[i] for r in rs)  # noqa: E731
+        rss1, pss1, rssk, pssk = med(runs["1"], 0), med(runs["1"], 1), med(runs["k"], 0), med(runs["k"], 1)
+        i1, ik = (json.loads(runs[c][-1][2].strip().splitlines()[-1]) for c in ("1", "k"))
+        print(f"mem_repeats={args.mem_repeats}")
+        print(f"peak_pss_mb_each_1x={','.join(f'{r[1]:.0f}' for r in runs['1'])}")
+        print(f"peak_pss_mb_each_{args.scale}x={','.join(f'{r[1]:.0f}' for r in runs['k'])}")
+        print(f"procs_at_peak_each_1x={','.join(str(r[3]) for r in runs['1'])}")
+        print(f"procs_at_peak_each_{args.scale}x={','.join(str(r[3]) for r in runs['k'])}")
         print(f"mem_shards_1x={args.mem_shards}")
         print(f"mem_shards_{args.scale}x={args.mem_shards * args.scale}")
         print(f"mem_images_1x={i1['images']} ({args.scale} epochs)")

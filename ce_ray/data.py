@@ -9,16 +9,23 @@ streaming Ray Data pipeline feeding any number of Ray Train workers through
       -> iter_torch_batches(local shuffle buffer, drop_last)       in the training worker
 
 Nothing is materialised: blocks stream through the object store under Ray Data's backpressure, so
-memory stays flat however many shards there are (bench/data_pipeline.py measures it).
+memory stays flat however many shards there are (bench/data_pipeline.py measures it). The
+read-ahead is capped (`read_ahead_bytes`: READ_AHEAD_PER_CPU per cluster CPU, at least
+READ_AHEAD_MIN): uncapped, a slow consumer (a training step) let Ray Data fill ~0.5 GB of a 2 GB
+store with decoded crops, i.e. a share of the object store rather than what decoding needs in
+flight; capped at 128 MiB it held ~0.2 GB.
 
-CPU starvation (shared/RAY.md §2): every data task asks for DATA_TASK_CPUS (half a logical CPU),
-so Ray Data can still schedule work beside Train workers that hold fractional CPUs (2 workers x
-0.75 on 2 CPUs leave exactly one task's worth), and `check_cpu_budget` turns the hang that follows
-when the workers hold every CPU into a UserError. Half, not less: each decode worker process
-imports torch (via ce_ray.masks), ~300 MB private memory, so a smaller share would start more
-processes on a small machine for no extra throughput. Decoding a 350-px JPEG crop costs ~2 ms,
-far below a Context Encoder step per image, so a fraction of one core keeps a worker fed
-(bench/data_pipeline.py: data-stall ratio).
+CPU starvation (shared/RAY.md §2) has two faces on a small machine, both measured here:
+- Train workers hold every CPU: no data task can start and training hangs. `check_cpu_budget`
+  turns that into a UserError naming the fix; with 2 workers x 0.5 CPU on 2 CPUs one CPU is left.
+- Data tasks asking for a fraction of a CPU: Ray then runs more task workers than CPUs, and its
+  worker pool kills idle workers above that number (the soft limit is num_cpus), so every epoch
+  restarts decode processes that each import torch (via ce_ray.masks). Measured on 2 CPUs beside
+  two 0.5-CPU consumers: 0.5-CPU tasks fed 30 img/s per consumer with new worker pids every epoch;
+  1-CPU tasks fed 140 img/s from one persistent worker. Hence DATA_TASK_CPUS = 1 by default.
+Decoding, cropping and masking a 350-px JPEG costs ~1.5 ms of CPU, far below a Context Encoder
+step per image, so one core keeps several training workers fed (bench/data_pipeline.py reports
+the data-stall ratio).
 """
 
 from __future__ import annotations
@@ -38,16 +45,20 @@ if TYPE_CHECKING:  # Ray is imported lazily, inside the functions
     import ray.train
     import torch
 
-DATA_TASK_CPUS = 0.5  # logical CPUs per read / decode task: fits beside workers at 0.5 or 0.75 CPU
-ROWS_PER_MAP = 16  # photos per samples.train_batch call (x data.repeat crops)
+DATA_TASK_CPUS = 1.0  # logical CPUs per read / decode task (module docstring: why not less)
+ROWS_PER_MAP = 32  # photos per decode task: ~50 ms of work, so per-task overhead stays small
+# Object store the train pipeline may fill ahead of the trainer: a decode task's output is ~8 MB
+# (ROWS_PER_MAP crops), so 32 MB per CPU keeps every decode task's output queued 4 deep.
+READ_AHEAD_PER_CPU = 32 * 2**20
+READ_AHEAD_MIN = 64 * 2**20
 PREFETCH_BATCHES = 2  # batches decoded ahead of the training step
 
 
 def _read_parquet(files: list[str], num_cpus: float = DATA_TASK_CPUS, **kwargs) -> "ray.data.Dataset":
-    """read_parquet on the V1 datasource. Ray 2.60's default V2 reader plans a `ListFiles` task
-    with a hard-wired 1-CPU request (no argument reaches it), so whenever Train workers leave less
-    than one whole CPU free, e.g. 2 workers x 0.75 on 2 CPUs, the read never starts and training
-    hangs (verified: tests/test_data.py). V1 read tasks take our DATA_TASK_CPUS."""
+    """read_parquet on the V1 datasource, so `num_cpus` governs every task of the read. Ray 2.60's
+    default V2 reader adds a `ListFiles` task with a hard-wired 1-CPU request that no argument
+    reaches: with cpus_per_task < 1 and less than one CPU left by the Train workers, the read
+    never starts and training hangs (verified with 2 consumers x 0.75 CPU on 2 CPUs)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -85,20 +96,24 @@ def _val_map(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]
 
 
 def build_train_dataset(cfg: Config, *, with_keys: bool = False, cpus_per_task: float = DATA_TASK_CPUS,
-                        max_tasks: int | None = None) -> "ray.data.Dataset":
+                        max_tasks: int | None = None, read_ahead: int | None = None) -> "ray.data.Dataset":
     """Streaming training crops from cfg.data.shards/train: rows {"image": (3, S, S) float32 in
     [-1, 1], "hole": (1, S, S) float32 in {0, 1}}; cfg.data.repeat crops per photo per epoch.
     The file order is reshuffled on every execution, i.e. every epoch; the trainer's local
     shuffle buffer (iter_train_batches) mixes crops across files. `with_keys` adds each crop's
     photo key (tests; iter_train_batches needs it off). `cpus_per_task` is the logical CPU share
     of each read / decode task; `max_tasks` caps concurrent decode tasks (default: as many as
-    the CPUs left to Ray Data allow)."""
+    the CPUs left to Ray Data allow); `read_ahead` caps the object store (bytes) it fills ahead
+    of the consumer (default `read_ahead_bytes()`). Under Ray Train pass `data_config()`, which
+    carries the same cap: Train replaces each dataset's execution options."""
     import ray.data
 
     files = shard_files(cfg.data.shards, "train")
     cols = [samples.KEY_COLUMN, samples.IMAGE_COLUMN] if with_keys else [samples.IMAGE_COLUMN]
     # shuffle="files": a new random file order per execution, i.e. per epoch.
     ds = _read_parquet(files, num_cpus=cpus_per_task, shuffle="files").select_columns(cols)
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=read_ahead or read_ahead_bytes())
     return ds.map_batches(_train_map, fn_kwargs={"cfg": cfg, "with_keys": with_keys}, batch_size=ROWS_PER_MAP,
                           batch_format="numpy", num_cpus=cpus_per_task, concurrency=max_tasks)
 
@@ -139,13 +154,23 @@ def iter_train_batches(shard: "ray.data.DataIterator", cfg: Config, device: "str
                         f"raise data.repeat (crops per photo), lower data.batch_size, or prepare more photos")
 
 
-def data_config() -> "ray.train.DataConfig":
+def read_ahead_bytes() -> int:
+    """The default read-ahead cap for the connected cluster (READ_AHEAD_PER_CPU x its CPUs)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
+    return int(max(READ_AHEAD_MIN, READ_AHEAD_PER_CPU * cpus))
+
+
+def data_config(read_ahead: int | None = None) -> "ray.train.DataConfig":
     """DataConfig for TorchTrainer(datasets={"train": ..., "val": ...}): split "train" across
-    workers (streaming_split(equal=True)); every worker reads the whole "val" in order."""
-    from ray.data import ExecutionOptions
+    workers (streaming_split(equal=True)) with the read-ahead cap; every worker reads the whole
+    "val" in order."""
+    from ray.data import ExecutionOptions, ExecutionResources
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split=["train"], execution_options={"val": ExecutionOptions(preserve_order=True)})
+    train = ExecutionOptions(resource_limits=ExecutionResources.for_limits(object_store_memory=read_ahead or read_ahead_bytes()))
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": train, "val": ExecutionOptions(preserve_order=True)})
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float | None = None) -> None:
@@ -158,7 +183,10 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float | None = None) -> None:
     s = cfg.scale
     need = s.num_workers * s.cpus_per_worker + DATA_TASK_CPUS
     if need > cluster_cpus + 1e-9:
-        fit = max(0.01, math.floor(100 * (cluster_cpus - DATA_TASK_CPUS) / s.num_workers) / 100)
+        fit = math.floor(100 * (cluster_cpus - DATA_TASK_CPUS) / s.num_workers) / 100
+        if fit <= 0:
+            raise UserError(f"this {cluster_cpus:g}-CPU cluster cannot run training workers beside Ray Data's {DATA_TASK_CPUS}-CPU decode "
+                            f"tasks; start Ray with more (logical) CPUs, e.g. ray.init(num_cpus=4) or `ray start --num-cpus=4`")
         raise UserError(
             f"{s.num_workers} workers x scale.cpus_per_worker={s.cpus_per_worker} leave Ray Data less than the {DATA_TASK_CPUS} CPU "
             f"its decode tasks need on this {cluster_cpus:g}-CPU cluster, so training would hang waiting for data; "

@@ -61,10 +61,10 @@ def test_each_epoch_cuts_new_crops(ray_session, bundled_shards):
     assert all(not np.array_equal(e0[k], e1[k]) for k in e0)  # fresh crop position / flip per epoch
 
 
-@ray.remote(num_cpus=0.75)
+@ray.remote(num_cpus=0.5)
 class Consumer:
-    """Stands in for a Train worker: it holds most of a CPU, as workers do, so the data tasks
-    have to fit in what is left (the starvation case of RAY.md §2)."""
+    """Stands in for a Train worker at RAY.md's 0.5 CPU: two of them hold 1 of the 2 CPUs, so
+    the data tasks must run in what is left (the starvation case of RAY.md §2)."""
 
     def keys(self, it, epochs: int) -> list[list[str]]:
         return [[k for b in it.iter_batches(batch_size=2, batch_format="numpy") for k in b["key"]] for _ in range(epochs)]
@@ -74,7 +74,7 @@ class Consumer:
 def test_two_workers_see_disjoint_data_each_epoch(ray_session, bundled_shards):
     cfg = _cfg(bundled_shards, "center", repeat=1)
     its = data.build_train_dataset(cfg, with_keys=True).streaming_split(2, equal=True)
-    consumers = [Consumer.remote(), Consumer.remote()]  # 1.5 of the 2 CPUs taken
+    consumers = [Consumer.remote(), Consumer.remote()]
     # Both consume concurrently, as Train workers do; a starved pipeline would time out here.
     k0, k1 = ray.get([c.keys.remote(it, 2) for c, it in zip(consumers, its)], timeout=120)
     for a, b in zip(k0, k1):
@@ -114,12 +114,15 @@ def test_cpu_budget_guard():
     def cfg(workers, cpus):
         return config.replace(config.Config(), scale={"num_workers": workers, "cpus_per_worker": cpus})
 
-    with pytest.raises(UserError, match="cpus_per_worker=0.75"):
+    with pytest.raises(UserError, match="cpus_per_worker=0.5"):
         data.check_cpu_budget(cfg(2, 1.0), cluster_cpus=2)  # RAY.md §2: this configuration hangs
     data.check_cpu_budget(cfg(2, 0.5), cluster_cpus=2)
+    with pytest.raises(UserError, match="more \\(logical\\) CPUs"):
+        data.check_cpu_budget(cfg(1, 0.5), cluster_cpus=1)
     data.check_cpu_budget(cfg(2, 1.0), cluster_cpus=4)
     dc = data.data_config()
     assert dc._datasets_to_split == ["train"] and dc._resolve_execution_options("val").preserve_order
+    assert dc._resolve_execution_options("train").resource_limits.object_store_memory == data.READ_AHEAD_MIN  # Ray not started
 
 
 @pytest.mark.ray
