@@ -370,9 +370,11 @@ def _results_ray(files: list[SourceFile], opts: Options) -> Iterator[dict[str, A
     only receives small encoded images and writes them, streaming (never all in memory)."""
     import ray
 
-    if not ray.is_initialized():
-        # Attaches to a running cluster (RAY_ADDRESS / `ray start`), else starts a local one.
-        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
+    from ce_ray.train import connect_ray
+
+    # The cluster named by RAY_ADDRESS (`ray job submit`), else a private local one: a bare
+    # ray.init() would join whatever other cluster runs on this machine (RAY.md §0).
+    connect_ray()
     items = [{"key": f.key, "path": f.path} for f in files]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // FILES_PER_TASK)))
     # Deterministic shards: rows arrive in input (key) order, exactly as with engine="local".
