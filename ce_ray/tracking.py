@@ -20,6 +20,7 @@ multi-node clusters need: a SQLite file is only visible on its own machine).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -28,7 +29,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
@@ -94,6 +95,17 @@ class RunHandle:
     @classmethod
     def from_dict(cls, d: dict[str, str] | None) -> "RunHandle | None":
         return cls(**d) if d else None
+
+
+@contextlib.contextmanager
+def using(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (and checkpoint.resolve of models:/ URIs) pointed at `uri` for a block.
+    mlflow.set_tracking_uri alone would also export MLFLOW_TRACKING_URI to this process for good,
+    and every later run in it (and every subprocess) would silently log to that store."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
 
 
 def _client(uri: str):
@@ -239,8 +251,7 @@ def register_generator(handle: RunHandle, ckpt_dir: str | os.PathLike, cfg: C.Co
 
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")  # offline: never run pip
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(handle.tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="ce_ray_export_") as tmp, warnings.catch_warnings():
+    with using(handle.tracking_uri), tempfile.TemporaryDirectory(prefix="ce_ray_export_") as tmp, warnings.catch_warnings():
         # The explicit signature already says what goes in and out; an input example would
         # store a 200 KB tensor with every version.
         warnings.filterwarnings("ignore", message=r".*An input example was not provided")

@@ -2,7 +2,7 @@
 
     python tests/multinode_run.py SHARDS WORKDIR PROBE_DIR
 
-Starts a two-node ray.cluster_utils.Cluster on this machine (1 CPU per node, its own temp dir and
+Starts a two-node ray.cluster_utils.Cluster on this machine (2 logical CPUs per node, its own temp dir and
 ports, dashboard on 127.0.0.1), trains the smoke config with 2 workers placed STRICT_SPREAD (one
 per node), prints one JSON line, and shuts its cluster down. The workers write probe files (node
 id, generator digests) for the test to compare.
@@ -45,7 +45,10 @@ def main(shards: str, workdir: str, probe_dir: str) -> None:
     # clusters on this machine (see train._own_cluster_address_for_its_processes).
     gcs_port = free_port()
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-    node = {"num_cpus": 1, "dashboard_agent_listen_port": free_port()}
+    # 2 logical CPUs per node (on a 2-core machine: oversubscribed, which is fine for a test):
+    # a 0.5-CPU Train worker plus Ray Data's 1-CPU decode tasks (data.DATA_TASK_CPUS) must fit on
+    # one node; with 1 CPU per node no node could ever start a decode task and training would hang.
+    node = {"num_cpus": 2, "dashboard_agent_listen_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args={
         **node, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
         "temp_dir": temp_dir})

@@ -61,7 +61,8 @@ def head(tmp_path):
     """A real head: `ray start --head --block` from the venv, dashboard on 127.0.0.1."""
     temp_dir = tempfile.mkdtemp(prefix="cejob", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash, client, agent, agent_grpc, metrics, rt_env = free_ports(7)
-    env = dict(os.environ)
+    # The job must use the default store under train.output_dir, whatever this process points at.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is looked up on the head's PATH
         RAY_AUTH_MODE="disabled",  # a throwaway loopback cluster (RAY.md §0)
@@ -114,7 +115,7 @@ def test_ray_job_submit_trains_the_smoke_config(head, bundled_shards, tmp_path):
 
     out, storage = tmp_path / "out", tmp_path / "runs"
     sid = f"ce-ray-smoke-{os.getpid()}"
-    client_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    client_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     client_env["RAY_AUTH_MODE"] = "disabled"  # this head runs without token auth
     # Absolute paths: the job runs in its own unpacked copy of the working directory.
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head["url"], "--working-dir", ".", "--submission-id", sid,
@@ -147,4 +148,4 @@ def test_ray_job_submit_trains_the_smoke_config(head, bundled_shards, tmp_path):
         "samples/samples_step0000003.png", "samples/samples_step0000006.png"}
     # The generator of this run, registered as a model version.
     versions = mlf.search_model_versions("name='ce-ray-generator'")
-    assert [v.version for v in versions if v.run_id == runs[0].info.run_id] == ["1"]
+    assert [str(v.version) for v in versions if v.run_id == runs[0].info.run_id] == ["1"]

@@ -3,6 +3,7 @@ registered generator loading back through checkpoint.resolve("models:/...")."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -117,7 +118,13 @@ def test_registered_generator_resolves_and_loads(cfg, tiny_checkpoint):
     tracking.log_checkpoint(h, tiny_checkpoint)
     uri = tracking.register_generator(h, tiny_checkpoint, cfg)
     assert uri == f"models:/{cfg.mlflow.registered_model}/1"
-    mlflow.set_tracking_uri(h.tracking_uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registering leaves no store behind for later runs
+    with tracking.using(h.tracking_uri):
+        _check_registered(uri, h, cfg, tiny_checkpoint)
+    tracking.end_run(h)
+
+
+def _check_registered(uri: str, h, cfg, tiny_checkpoint: Path) -> None:
 
     # ce-ray's own path (Serve, evaluate): the checkpoint directory inside the model version.
     found = ckpt_io.resolve(uri)
@@ -147,7 +154,6 @@ def test_registered_generator_resolves_and_loads(cfg, tiny_checkpoint):
     # The final checkpoint is in the run too (with optimiser state, for resuming elsewhere).
     names = {f.path for f in MlflowClient(h.tracking_uri).list_artifacts(h.run_id, "checkpoint")}
     assert {"checkpoint/meta.json", "checkpoint/model.pt", "checkpoint/optim.pt"} <= names
-    tracking.end_run(h)
 
 
 def test_deleted_experiment_is_a_user_error(cfg):

@@ -18,13 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from ce_ray import checkpoint as ckpt_io
 from ce_ray import config as C
+from ce_ray import tracking
 from ce_ray import train as T
 from ce_ray.errors import UserError
 
@@ -196,8 +196,8 @@ def test_mlflow_contents_of_the_run(smoke):
     names = {f.path for f in client.list_artifacts(s.mlflow_run_id, "checkpoint")}
     assert {"checkpoint/meta.json", "checkpoint/model.pt", "checkpoint/optim.pt"} <= names
     assert s.model_uri.startswith(f"models:/{cfg.mlflow.registered_model}/")
-    mlflow.set_tracking_uri(s.mlflow_tracking_uri)
-    g = ckpt_io.load_generator(s.model_uri)
+    with tracking.using(s.mlflow_tracking_uri):
+        g = ckpt_io.load_generator(s.model_uri)
     assert g.step == 6
     want = ckpt_io.load(s.checkpoint).G
     assert all(torch.equal(v, want[k]) for k, v in g.model.state_dict().items())
