@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def main(shards: str, workdir: str, probe_dir: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # session logs of this throwaway cluster
 
 
 if __name__ == "__main__":
