@@ -85,6 +85,16 @@ WARMUP = 10
 
 
 def main() -> None:
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix="ce_ray_bench_train_"))
+    try:
+        run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # shards, checkpoints and MLflow stores of the runs
+
+
+def run(work: Path) -> None:
     global WARMUP
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "tune_configs" / "default.yaml"))
@@ -101,7 +111,6 @@ def main() -> None:
     args = ap.parse_args()
     WARMUP = args.warmup
 
-    work = Path(tempfile.mkdtemp(prefix="ce_ray_bench_"))
     shards = args.shards
     if not shards:
         from ce_ray.prepare import prepare
