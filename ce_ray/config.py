@@ -239,6 +239,9 @@ def _check(cfg: Config) -> None:
     need(s.gpus_per_worker > 0, "scale.gpus_per_worker", "must be > 0")
     need(s.max_failures >= -1, "scale.max_failures", "must be >= -1 (-1 = retry forever)")
     need(s.checkpoints_to_keep >= 1, "scale.checkpoints_to_keep", "must be >= 1")
+    # PyTorch DDP rejects SyncBatchNorm on CPU modules ("SyncBatchNorm layers only work with GPU modules").
+    need(not (mo.sync_bn and s.num_workers > 1 and not s.use_gpu), "model.sync_bn",
+         "needs GPU workers (scale.use_gpu=true); set model.sync_bn=false for CPU training")
 
 
 def from_dict(data: dict) -> Config:

@@ -42,6 +42,7 @@ def test_yaml_and_overrides(tmp_path):
         (["train.precision=fp8"], "train.precision"),
         (["mask.kind=random_block"], "mask.kind"),  # centre generator cannot fill random holes
         (["data.batch_size=1"], "data.batch_size"),
+        (["model.sync_bn=true", "scale.num_workers=2"], "model.sync_bn"),  # DDP: GPU only
     ],
 )
 def test_bad_values_fail_naming_the_key(overrides, key):
