@@ -603,9 +603,6 @@ def train(cfg: C.Config, *, run_name: str | None = None, resume: bool = False, c
     if latest is not None:
         _check_resumable(cfg, name, latest)
     _check_enough_data(cfg)
-    if cfg.model.sync_bn and cfg.scale.num_workers > 1 and not cfg.scale.use_gpu:
-        raise UserError("model.sync_bn needs GPU workers (scale.use_gpu=true): PyTorch DDP rejects SyncBatchNorm on CPU; "
-                        "set model.sync_bn=false for CPU training")
     if cfg.mlflow.enabled:
         tracking.tracking_uri(cfg)  # a bad URI fails now, not after Ray has started
 
