@@ -441,15 +441,13 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 @contextlib.contextmanager
 def _mlflow_store(explicit: str | None):
-    """MLflow's process-wide tracking URI set to our store for the block, then put back."""
-    import mlflow
+    """MLflow pointed at our store for the block only. tracking.using, not mlflow.set_tracking_uri:
+    that one also exports MLFLOW_TRACKING_URI for the rest of the process (and its children), so
+    "putting back" the old URI would pin every later run to whatever store was current."""
+    from ce_ray.tracking import using
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(resolve_tracking_uri(explicit))
-    try:
+    with using(resolve_tracking_uri(explicit)):
         yield
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def log_to_mlflow(run_id: str, report: dict[str, Any], files: Sequence[Path], tracking_uri: str | None = None) -> None:
