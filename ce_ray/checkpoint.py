@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
+from ce_ray.fsutil import replace_dir
 from ce_ray.model import build_discriminator, build_generator
 
 FORMAT_VERSION = 1
@@ -86,13 +87,7 @@ def _write_dir_atomically(dest: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         fill(tmp)
-        if dest.exists():  # replace: move the old one aside first, then drop it
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

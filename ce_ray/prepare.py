@@ -41,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ce_ray import samples
 from ce_ray.config import FINE_SIZE, LOAD_SIZE
 from ce_ray.errors import UserError
+from ce_ray.fsutil import replace_dir
 
 # Pillow's own default limit (~89.5 MP, e.g. 9459x9459). Larger photos are rejected as possible
 # decompression bombs unless the user raises --max-pixels.
@@ -516,13 +517,7 @@ def prepare(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _check_out(out_p, overwrite)  # it may have appeared while we worked
-        if out_p.exists():
-            trash = out_p.parent / f".{out_p.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_p, trash)
-            os.rename(tmp, out_p)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_p)
+        replace_dir(tmp, out_p)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
