@@ -65,6 +65,9 @@ class ChannelWiseFC(nn.Module):
         super().__init__()
         self.channels, self.size = channels, size
         self.weight = nn.Parameter(torch.empty(channels, size * size, size * size))  # (m, n², n²)
+        # Initialised here too (init_weights re-draws it): torch.empty alone holds whatever was
+        # in memory, NaNs included, for anyone who builds the layer on its own.
+        nn.init.normal_(self.weight, 0.0, INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, m, n, n) -> (B, m, n, n)
         b = x.shape[0]

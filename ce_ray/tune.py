@@ -500,9 +500,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
                     run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep_dir.parent), callbacks=[callback],
                                               verbose=1),
                 )
-            grid = tuner.fit()
+            tuner.fit()
         # Interrupted (Ctrl-C / SIGINT): Tune saved its state and returned with trials unfinished.
-        interrupted = grid.num_terminated + grid.num_errors < sweep.total_trials
+        # Counted from our own ledgers, not the ResultGrid: on an interrupt Tune may mark trials
+        # that never started TERMINATED, which made an interrupted sweep look finished.
+        interrupted = unfinished_trials(sweep_dir, sweep.total_trials) > 0
         if interrupted:
             _mark_interrupted(sweep_dir, mlflow_ids)
         rows = write_ranking(sweep_dir, sweep.metric, sweep.mode, keys)
@@ -529,6 +531,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
     for line in out.lines:
         log(line)
     return out
+
+
+def unfinished_trials(sweep_dir: Path, total_trials: int) -> int:
+    """Trials of the sweep that have not ended (completed, stopped early or errored), by our
+    ledgers; trials that never started have none."""
+    return total_trials - sum(t["status"] in ENDED for t in read_ledgers(sweep_dir))
 
 
 def _mark_interrupted(sweep_dir: Path, mlflow_ids: tuple[str, str, str] | None) -> None:

@@ -209,3 +209,17 @@ def test_run_sweep_refuses_before_starting_ray(tmp_path):
     changed = S.load_sweep(p, args + ["num_samples=7"])
     with pytest.raises(UserError, match=r"changed since it started \(num_samples differ\)"):
         run_sweep(changed, resume=True)
+
+
+def test_interruption_is_counted_from_the_ledgers(tmp_path):
+    # On Ctrl-C Tune marks trials whose actors were still starting TERMINATED in the objects it
+    # returns (its saved state keeps them PENDING), so the sweep counts unfinished trials from
+    # its own ledgers: trials that never started have none, cut ones are still "running".
+    from ce_ray.tune import unfinished_trials
+
+    for t in [_ledger("a", "completed", 0.2), _ledger("b", "stopped_early", 0.1), _ledger("c", "running", None)]:
+        S.write_atomically(S.ledger_path(tmp_path, t["trial_id"]), json.dumps(t))
+    assert unfinished_trials(tmp_path, 4) == 2  # c was cut, the fourth never started
+    S.write_atomically(S.ledger_path(tmp_path, "c"), json.dumps(_ledger("c", "error", None)))
+    S.write_atomically(S.ledger_path(tmp_path, "d"), json.dumps(_ledger("d", "completed", 0.3)))
+    assert unfinished_trials(tmp_path, 4) == 0
