@@ -44,6 +44,9 @@ class DataConfig:
     shuffle_buffer: int = 256  # rows in Ray Data's local shuffle buffer
     val_images: int = 256  # cap on val crops scored per evaluation (deterministic crops)
     repeat: int = 1  # crops cut per photo per pass; >1 helps tiny datasets amortise decoding
+    # Training only, not in train.lua: each decoded photo is resized to load_size * U[1-j, 1+j]
+    # before cropping, so a few photos give crops at many scales. 0 = the paper's fixed size.
+    scale_jitter: float = 0.0
     loader_workers: int = 0  # DataLoader processes in the no-Ray local trainer
 
 
@@ -85,6 +88,10 @@ class OptimConfig:
     lr_d: float = LR_D
     beta1: float = BETA1
     beta2: float = 0.999
+    # "linear": both learning rates held, then taken linearly to 0 over the last decay_fraction
+    # of train.steps (pix2pix's niter_decay). "none": constant, as in train.lua.
+    lr_decay: Literal["none", "linear"] = "none"
+    decay_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,9 @@ def _check(cfg: Config) -> None:
     need(d.val_images >= 1, "data.val_images", "must be >= 1")
     need(d.repeat >= 1, "data.repeat", "must be >= 1")
     need(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    need(0 <= d.scale_jitter < 1, "data.scale_jitter", f"must be in [0, 1), got {d.scale_jitter}")
+    need(d.load_size * (1 - d.scale_jitter) >= d.fine_size, "data.scale_jitter",
+         f"load_size * (1 - scale_jitter) must stay >= fine_size ({d.fine_size}); lower it")
     need(0 <= m.overlap < d.fine_size // 4, "mask.overlap", f"must be in [0, {d.fine_size // 4})")
     need(m.overlap_weight > 0, "mask.overlap_weight", "must be > 0")
     need(0 < m.max_coverage <= 0.5, "mask.max_coverage", "must be in (0, 0.5]")
@@ -229,6 +239,7 @@ def _check(cfg: Config) -> None:
     need(o.lr_d > 0, "optim.lr_d", f"must be > 0, got {o.lr_d}")
     need(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
     need(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    need(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
     need(t.steps >= 1, "train.steps", "must be >= 1")
     for k in ("log_every", "eval_every", "ckpt_every"):
         need(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")

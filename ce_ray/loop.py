@@ -28,7 +28,7 @@ from ce_ray.errors import UserError
 from ce_ray.metrics import hole_errors, summarize
 from ce_ray.model import build_discriminator, build_generator
 from ce_ray.pictures import inpainting_grid, save_png
-from ce_ray.step import GanStep, predict, resolve_device, unwrap
+from ce_ray.step import GanStep, lr_factor, predict, resolve_device, unwrap
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, S, S) in [-1, 1], holes (B, 1, S, S)
 
@@ -139,6 +139,7 @@ def run(cfg: Config, env: WorkerEnv) -> dict[str, float]:
     window_imgs, window_t0, run_t0 = 0, time.perf_counter(), time.perf_counter()
     start_step = step
     for epoch, (images, holes) in _batches_forever(env, start_epoch=0):
+        stepper.set_lr_scale(lr_factor(cfg.optim, step, t.steps))
         m = stepper(images, holes)
         step += 1
         window_imgs += images.shape[0]

@@ -93,7 +93,10 @@ def train_batch(encoded: list[bytes], cfg: Config, rng: np.random.Generator) -> 
     d = cfg.data
     crops: list[np.ndarray] = []
     for data in encoded:
-        rgb = resize_shorter(decode(data), d.load_size)
+        size = d.load_size
+        if d.scale_jitter:
+            size = max(d.fine_size, round(d.load_size * rng.uniform(1 - d.scale_jitter, 1 + d.scale_jitter)))
+        rgb = resize_shorter(decode(data), size)
         crops += random_crops(rgb, d.fine_size, d.repeat, rng, d.flip)
     images = np.stack(crops) if crops else np.zeros((0, 3, d.fine_size, d.fine_size), np.float32)
     return {"image": images, "hole": holes_for(cfg.mask, d.fine_size, len(crops), rng)}

@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from ce_ray.config import Config
+from ce_ray.config import Config, OptimConfig
 from ce_ray.errors import UserError
 from ce_ray.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
 from ce_ray.masks import center_box, center_weights, fill_hole, full_weights
@@ -53,6 +53,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The bare module inside DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def lr_factor(optim: OptimConfig, step: int, total: int) -> float:
+    """Multiplier on the configured learning rates for the update that makes step `step + 1`
+    of `total`. A function of the step alone, so a resumed run follows the same schedule."""
+    if optim.lr_decay == "none":
+        return 1.0
+    decay_steps = max(1, round(optim.decay_fraction * total))
+    start = total - decay_steps
+    return 1.0 if step < start else max(0.0, 1.0 - (step - start) / decay_steps)
 
 
 class GanStep:
@@ -115,6 +125,13 @@ class GanStep:
             self.opt_d.step()
             self.opt_g.step()
         return {**m_d, **m_adv, **m_rec, "loss_g": loss_g.detach()}
+
+    def set_lr_scale(self, factor: float) -> None:
+        """Both learning rates = the configured ones x factor (the schedule in lr_factor)."""
+        o = self.cfg.optim
+        for opt, base in ((self.opt_g, o.lr_g), (self.opt_d, o.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * factor
 
     def lrs(self) -> dict[str, float]:
         return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}

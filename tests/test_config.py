@@ -43,6 +43,10 @@ def test_yaml_and_overrides(tmp_path):
         (["mask.kind=random_block"], "mask.kind"),  # centre generator cannot fill random holes
         (["data.batch_size=1"], "data.batch_size"),
         (["model.sync_bn=true", "scale.num_workers=2"], "model.sync_bn"),  # DDP: GPU only
+        (["data.scale_jitter=1.5"], "data.scale_jitter"),
+        (["data.scale_jitter=0.8"], "data.scale_jitter"),  # 350 * 0.2 < 128: crops would not fit
+        (["optim.lr_decay=cosine"], "optim.lr_decay"),
+        (["optim.decay_fraction=0"], "optim.decay_fraction"),
     ],
 )
 def test_bad_values_fail_naming_the_key(overrides, key):

@@ -1,5 +1,6 @@
 """ce_ray/local_data.py: the no-Ray loader (batches, per-epoch shuffling, rank sharding, val)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,23 @@ def test_missing_or_tiny_shards_are_user_errors(tmp_path, bundled_shards):
     files = shard_files(bundled_shards, "train")
     assert len(files) == 5 and files == sorted(files)  # 9 rows at 2 per shard
     assert shard_files("file://" + bundled_shards, "train") == files
+
+
+def test_scale_jitter_resizes_each_photo_within_its_range(monkeypatch):
+    from ce_ray import config as C
+    from ce_ray import samples
+
+    sizes = []
+    real = samples.resize_shorter
+    monkeypatch.setattr(samples, "resize_shorter", lambda rgb, size: sizes.append(size) or real(rgb, size))
+    photo = samples.encode_png(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    rng = np.random.default_rng(0)
+
+    out = samples.train_batch([photo] * 40, C.from_dict({"data": {"repeat": 2, "scale_jitter": 0.4}}), rng)
+    assert out["image"].shape == (80, 3, 128, 128) and out["hole"].shape == (80, 1, 128, 128)
+    assert all(210 <= s <= 490 for s in sizes) and len(set(sizes)) > 20  # one draw per decoded photo
+    assert min(sizes) < 300 < max(sizes)
+
+    sizes.clear()
+    samples.train_batch([photo] * 5, C.from_dict({}), rng)
+    assert sizes == [350] * 5  # the paper's fixed load size when off

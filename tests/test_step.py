@@ -118,3 +118,19 @@ def test_reconstruction_loss_falls_on_a_fixed_batch():
     holes = torch.from_numpy(center_hole(128, 4)).float().expand(8, 1, 128, 128).contiguous()
     losses = [step(images, holes)["loss_rec"].item() for _ in range(40)]
     assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:3]), losses
+
+
+def test_linear_lr_decay_holds_then_falls_to_zero_and_is_set_on_both_optimisers():
+    from ce_ray.step import lr_factor
+
+    o = C.OptimConfig(lr_decay="linear", decay_fraction=0.25)
+    f = [lr_factor(o, s, 100) for s in range(100)]
+    assert f[:75] == [1.0] * 75  # held for the first 75 updates
+    assert f[75] == 1.0 and f[99] == pytest.approx(0.04)  # then 1, 0.96, ..., 0.04 over the last 25
+    assert all(a > b for a, b in zip(f[75:], f[76:]))
+    assert lr_factor(C.OptimConfig(), 99, 100) == 1.0  # "none": train.lua's constant rates
+
+    cfg = C.from_dict(TINY)
+    stepper = GanStep(build_generator(cfg.model), build_discriminator(cfg.model, 128), cfg, torch.device("cpu"))
+    stepper.set_lr_scale(0.5)
+    assert stepper.lrs() == {"lr_g": pytest.approx(cfg.optim.lr_g / 2), "lr_d": pytest.approx(cfg.optim.lr_d / 2)}
