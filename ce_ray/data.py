@@ -20,7 +20,7 @@ CPU starvation (shared/RAY.md §2) has two faces on a small machine, both measur
   turns that into a UserError naming the fix; with 2 workers x 0.5 CPU on 2 CPUs one CPU is left.
 - Data tasks asking for a fraction of a CPU: Ray then runs more task workers than CPUs, and its
   worker pool kills idle workers above that number (the soft limit is num_cpus), so every epoch
-  restarts decode processes that each import torch (via ce_ray.masks). Measured on 2 CPUs beside
+  restarts decode processes (which no longer import torch: ce_ray.masks imports it lazily). Measured on 2 CPUs beside
   two 0.5-CPU consumers: 0.5-CPU tasks fed 30 img/s per consumer with new worker pids every epoch;
   1-CPU tasks fed 140 img/s from one persistent worker. Hence DATA_TASK_CPUS = 1 by default.
 Decoding, cropping and masking a 350-px JPEG costs ~1.5 ms of CPU, far below a Context Encoder
@@ -38,7 +38,6 @@ import numpy as np
 from ce_ray import samples
 from ce_ray.config import Config
 from ce_ray.errors import UserError
-from ce_ray.local_data import shard_files
 
 if TYPE_CHECKING:  # Ray is imported lazily, inside the functions
     import ray.data
@@ -108,6 +107,8 @@ def build_train_dataset(cfg: Config, *, with_keys: bool = False, cpus_per_task: 
     carries the same cap: Train replaces each dataset's execution options."""
     import ray.data
 
+    from ce_ray.local_data import shard_files  # driver side only: local_data imports torch
+
     files = shard_files(cfg.data.shards, "train")
     cols = [samples.KEY_COLUMN, samples.IMAGE_COLUMN] if with_keys else [samples.IMAGE_COLUMN]
     # shuffle="files": a new random file order per execution, i.e. per epoch.
@@ -124,6 +125,8 @@ def build_val_dataset(cfg: Config, *, with_keys: bool = False) -> "ray.data.Data
     local_data.load_val(cfg), in every run. Under Ray Train pass `data_config()` so Train keeps
     this dataset's preserve_order (it replaces each dataset's execution options)."""
     import ray.data
+
+    from ce_ray.local_data import shard_files
 
     files = shard_files(cfg.data.shards, "val")
     ds = _read_parquet(files).select_columns([samples.KEY_COLUMN, samples.IMAGE_COLUMN])

@@ -9,11 +9,17 @@ still predicted (the centre ring; the context of full-image variants).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ce_ray.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that take tensors: Ray Data's decode workers import
+# this module for the numpy hole makers, and importing torch costs each of them ~2 s and ~300 MB.
 
 # train.lua fills the hole with the ImageNet mean pixel (117, 104, 123), mapped to [-1, 1].
 MEAN_PIXEL_RGB = (117, 104, 123)
@@ -44,6 +50,8 @@ def center_weights(size: int, overlap: int, lambda_rec: float, overlap_weight: f
     """(S/2, S/2) loss weights over the predicted centre patch: the visible ring counts
     `overlap_weight` times the filled interior (train.lua's overlapL2Weight). lambda_rec is
     applied here, once, and nowhere else."""
+    import torch
+
     lo, hi = center_box(size)
     n = hi - lo
     w = torch.full((n, n), overlap_weight * lambda_rec)
@@ -54,6 +62,8 @@ def center_weights(size: int, overlap: int, lambda_rec: float, overlap_weight: f
 def full_weights(hole: torch.Tensor, lambda_rec: float, overlap_weight: float) -> torch.Tensor:
     """Weights for a full-image prediction: lambda_rec in the hole, overlap_weight * lambda_rec on
     the visible context (train_random.lua with overlap on). `hole`: (..., H, W) bool or {0, 1}."""
+    import torch
+
     h = hole.to(torch.float32)
     return lambda_rec * (h + overlap_weight * (1.0 - h))
 
@@ -61,6 +71,8 @@ def full_weights(hole: torch.Tensor, lambda_rec: float, overlap_weight: float) -
 def fill_hole(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     """Replace hole pixels with the mean-pixel fill. images: (B, 3, H, W) in [-1, 1];
     hole: (H, W) or (B, 1, H, W), bool or {0, 1}. Returns a new tensor."""
+    import torch
+
     fill = torch.tensor(MEAN_PIXEL_FILL, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     h = hole.to(device=images.device, dtype=torch.bool)
     if h.dim() == 2:
@@ -103,6 +115,9 @@ def _region_field(size: int, rng: np.random.Generator) -> np.ndarray:
     noise-cell scale (10000/600 px per cell) without building the 10000x10000 image."""
     scale = REGION_PATTERN_SIZE / REGION_NOISE_CELLS
     cells = int(np.ceil(size / scale)) + 4  # margin so bicubic edges stay outside the window
+    import torch  # random-region masks only: the authors' pattern is a bicubic upscale
+    import torch.nn.functional as F
+
     noise = torch.from_numpy(rng.random((1, 1, cells, cells), dtype=np.float32))
     up = F.interpolate(noise, scale_factor=scale, mode="bicubic", align_corners=False)[0, 0].numpy()
     y = int(rng.integers(0, up.shape[0] - size + 1))

@@ -91,3 +91,16 @@ def test_user_mask_from_image():
     assert hole.sum() == 9 and hole[3, 4]
     with pytest.raises(UserError, match="same size"):
         M.hole_from_image(m, (12, 10))
+
+
+def test_the_decode_path_does_not_import_torch():
+    # Ray Data's decode workers import ce_ray.data -> samples -> masks; torch there costs each
+    # worker process ~2 s and ~300 MB for nothing (centre and block holes are numpy).
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, ce_ray.data, ce_ray.config as C, ce_ray.samples as s;"
+            "s.holes_for(C.MaskConfig(kind='random_block'), 128, 2, np.random.default_rng(0));"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
