@@ -167,13 +167,20 @@ def read_ahead_bytes() -> int:
 
 def data_config(read_ahead: int | None = None) -> "ray.train.DataConfig":
     """DataConfig for TorchTrainer(datasets={"train": ..., "val": ...}): split "train" across
-    workers (streaming_split(equal=True)) with the read-ahead cap; every worker reads the whole
-    "val" in order."""
-    from ray.data import ExecutionOptions, ExecutionResources
+    workers (streaming_split(equal=True)) with the read-ahead cap (Train replaces a dataset's own
+    execution options with these, so the cap must be here too); every worker reads the whole
+    "val", in order (build_val_dataset relies on it for its cap). Both get explicit options: for
+    a dataset without any, Train derives them from the DataContext and trips Ray Data's
+    exclude_resources deprecation warning on every run."""
+    import ray.data
+    from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
-    train = ExecutionOptions(resource_limits=ExecutionResources.for_limits(object_store_memory=read_ahead or read_ahead_bytes()))
-    return DataConfig(datasets_to_split=["train"], execution_options={"train": train, "val": ExecutionOptions(preserve_order=True)})
+    ctx = ray.data.DataContext.get_current().execution_options
+    cap = ctx.resource_limits.copy(object_store_memory=read_ahead or read_ahead_bytes())
+    train = ExecutionOptions(resource_limits=cap, preserve_order=ctx.preserve_order, verbose_progress=ctx.verbose_progress)
+    val = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True, verbose_progress=ctx.verbose_progress)
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": train, "val": val})
 
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float | None = None) -> None:

@@ -340,6 +340,8 @@ def build_trainer(cfg: C.Config, *, run_name: str, storage_path: str | None = No
         callbacks=list(callbacks),
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # Train's INFO lines are noise here
     )
+    from ce_ray import data
+
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": C.to_dict(cfg), "tracking": tracking_run.to_dict() if tracking_run else None,
@@ -349,7 +351,7 @@ def build_trainer(cfg: C.Config, *, run_name: str, storage_path: str | None = No
         # NCCL needs GPUs; gloo runs DDP on CPUs (and is what TorchConfig picks without GPUs).
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         datasets=_build_datasets(cfg),
-        dataset_config=_data_config(),
+        dataset_config=data.data_config(),
     )
 
 
@@ -464,22 +466,6 @@ def _quiet_ray_data() -> None:
     else:
         ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-def _data_config():
-    """Split "train" across the workers (streaming_split(equal=True)); every worker may read all of
-    "val", in order (data.build_val_dataset relies on it for its cap). Both datasets get explicit
-    options: for a dataset without any, Train derives them from the DataContext and trips Ray
-    Data's exclude_resources deprecation warning on every run."""
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    ctx = ray.data.DataContext.get_current().execution_options
-    train = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=ctx.preserve_order,
-                             verbose_progress=ctx.verbose_progress)
-    val = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True, verbose_progress=ctx.verbose_progress)
-    return DataConfig(datasets_to_split=["train"], execution_options={"train": train, "val": val})
 
 
 def _latest_checkpoint(path: str) -> str | None:

@@ -123,6 +123,7 @@ def test_cpu_budget_guard():
     dc = data.data_config()
     assert dc._datasets_to_split == ["train"] and dc._resolve_execution_options("val").preserve_order
     assert dc._resolve_execution_options("train").resource_limits.object_store_memory == data.READ_AHEAD_MIN  # Ray not started
+    assert data.data_config(123 << 20)._resolve_execution_options("train").resource_limits.object_store_memory == 123 << 20
 
 
 @pytest.mark.ray
