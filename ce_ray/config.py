@@ -47,6 +47,9 @@ class DataConfig:
     # Training only, not in train.lua: each decoded photo is resized to load_size * U[1-j, 1+j]
     # before cropping, so a few photos give crops at many scales. 0 = the paper's fixed size.
     scale_jitter: float = 0.0
+    # Training only, not in train.lua: each crop's RGB channels in a random order, so a model
+    # trained on a few photos copies colours from the context instead of memorising their palette.
+    channel_shuffle: bool = False
     loader_workers: int = 0  # DataLoader processes in the no-Ray local trainer
 
 

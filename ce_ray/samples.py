@@ -98,6 +98,8 @@ def train_batch(encoded: list[bytes], cfg: Config, rng: np.random.Generator) -> 
             size = max(d.fine_size, round(d.load_size * rng.uniform(1 - d.scale_jitter, 1 + d.scale_jitter)))
         rgb = resize_shorter(decode(data), size)
         crops += random_crops(rgb, d.fine_size, d.repeat, rng, d.flip)
+    if d.channel_shuffle:
+        crops = [c[rng.permutation(3)] for c in crops]  # (3, S, S): one of the 6 channel orders each
     images = np.stack(crops) if crops else np.zeros((0, 3, d.fine_size, d.fine_size), np.float32)
     return {"image": images, "hole": holes_for(cfg.mask, d.fine_size, len(crops), rng)}
 

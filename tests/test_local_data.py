@@ -100,3 +100,19 @@ def test_scale_jitter_resizes_each_photo_within_its_range(monkeypatch):
     sizes.clear()
     samples.train_batch([photo] * 5, C.from_dict({}), rng)
     assert sizes == [350] * 5  # the paper's fixed load size when off
+
+
+def test_channel_shuffle_permutes_each_crops_colours():
+    from ce_ray import config as C
+    from ce_ray import samples
+
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 0, 128
+    photo = samples.encode_png(rgb)
+    rng = np.random.default_rng(0)
+    means = lambda out: {tuple(np.round(im.mean(axis=(1, 2)), 2)) for im in out["image"]}  # noqa: E731
+    plain = samples.train_batch([photo] * 4, C.from_dict({"data": {"load_size": 200, "repeat": 4}}), rng)
+    assert means(plain) == {(1.0, -1.0, 0.0)}  # [-1, 1] scale: 255, 0, 128 (128 -> 0.004)
+    shuffled = samples.train_batch([photo] * 8, C.from_dict({"data": {"load_size": 200, "repeat": 4, "channel_shuffle": True}}), rng)
+    orders = means(shuffled)
+    assert len(orders) == 6 and all(sorted(o) == [-1.0, 0.0, 1.0] for o in orders)  # all 6 orders in 32 crops
