@@ -413,12 +413,27 @@ def connect_ray(log_to_driver: bool = True) -> None:
                 os.environ.pop(k, None)
 
 
+# Below Linux's ephemeral range (32768-60999): a port the kernel hands out for outgoing
+# connections (Ray's own processes open many while starting) could otherwise be taken between
+# choosing it and the GCS binding it (the same race made test_job_submit flaky).
+GCS_PORT_RANGE = (20000, 32000)
+
+
 def _free_port() -> int:
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(*GCS_PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise UserError(f"no free TCP port in {GCS_PORT_RANGE[0]}-{GCS_PORT_RANGE[1]} for the local Ray cluster's GCS; "
+                    "free some, or start Ray yourself and set RAY_ADDRESS")
 
 
 def _own_cluster_address_for_its_processes() -> None:

@@ -316,3 +316,14 @@ def test_multinode_two_workers_on_two_nodes(bundled_shards, tmp_path):
     assert ends[0]["g_params"] == ends[1]["g_params"]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 6 and len(result["nodes"]) == 2
+
+
+def test_gcs_port_is_free_and_below_the_ephemeral_range():
+    import socket
+
+    from ce_ray.train import GCS_PORT_RANGE, _free_port
+
+    port = _free_port()
+    assert GCS_PORT_RANGE[0] <= port < GCS_PORT_RANGE[1] < 32768  # the kernel never hands it out for outgoing connections
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # still free: nothing kept it
