@@ -340,9 +340,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("stopping", flush=True)
     finally:
         try:
-            serve.delete(APP_NAME)
             if started_ray:
+                # Our own cluster goes away: serve.shutdown() deletes the app too, and unlike
+                # serve.delete (which waits without a limit for every replica to stop; seen to
+                # hang past 3 min on a loaded machine) it gives the controller at most 30 s.
                 serve.shutdown()
+            else:
+                serve.delete(APP_NAME)  # someone else's cluster: remove only what we deployed
         finally:
             if started_ray:
                 ray.shutdown()

@@ -389,7 +389,11 @@ def test_the_serve_command_serves_until_interrupted(tiny_checkpoint, tmp_path):
                 s.settimeout(5)
                 assert s.connect_ex((sorted(addrs)[0], port)) != 0
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=180) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            pytest.fail("ce-ray serve did not exit within 180 s of Ctrl-C:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+        assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
         with pytest.raises(requests.ConnectionError):
             requests.get(url + "/healthz", timeout=10)
         assert f"serving {tiny_checkpoint} at {url}/" in (tmp_path / "serve.log").read_text()
