@@ -328,6 +328,9 @@ def run_from_args(args: argparse.Namespace) -> int:
                             max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, cpus_per_replica=args.cpus_per_replica,
                             gpus_per_replica=args.gpus_per_replica, device=args.device, threads=args.threads)
     signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd / docker stop clean up like Ctrl-C
+    # Ctrl-C explicitly too: a process started from a background job (`cmd &` in a script, CI)
+    # inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         quiet = {"enable_access_log": False, "log_level": "WARNING"}  # Serve's INFO lines would bury the one that matters
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
