@@ -20,9 +20,10 @@ CPU starvation (shared/RAY.md §2) has two faces on a small machine, both measur
   turns that into a UserError naming the fix; with 2 workers x 0.5 CPU on 2 CPUs one CPU is left.
 - Data tasks asking for a fraction of a CPU: Ray then runs more task workers than CPUs, and its
   worker pool kills idle workers above that number (the soft limit is num_cpus), so every epoch
-  restarts decode processes (which no longer import torch: ce_ray.masks imports it lazily). Measured on 2 CPUs beside
-  two 0.5-CPU consumers: 0.5-CPU tasks fed 30 img/s per consumer with new worker pids every epoch;
-  1-CPU tasks fed 140 img/s from one persistent worker. Hence DATA_TASK_CPUS = 1 by default.
+  restarts decode processes. Measured on 2 CPUs beside two 0.5-CPU consumers, when each decode
+  process still imported torch: 0.5-CPU tasks fed 30 img/s per consumer with new worker pids every
+  epoch; 1-CPU tasks fed 140 img/s from one persistent worker. Hence DATA_TASK_CPUS = 1 by default.
+  (ce_ray.masks now imports torch lazily, so the decode path no longer loads it.)
 Decoding, cropping and masking a 350-px JPEG costs ~1.5 ms of CPU, far below a Context Encoder
 step per image, so one core keeps several training workers fed (bench/data_pipeline.py reports
 the data-stall ratio).

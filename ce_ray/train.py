@@ -18,6 +18,7 @@ Run layout: <scale.storage_path>/<run name>/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -25,7 +26,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ce_ray import checkpoint as ckpt_io
 from ce_ray import config as C
@@ -395,7 +396,6 @@ def connect_ray(log_to_driver: bool = True) -> None:
     kwargs: dict[str, Any] = {"address": address, "logging_config": ray.LoggingConfig(log_level="WARNING"),
                               "log_to_driver": log_to_driver}
     if address == "local":
-        _own_cluster_address_for_its_processes()
         # Processes of a cluster we start inherit this environment: Ray Data's console handler
         # at WARNING hides its per-epoch "execution finished" lines in every worker and actor.
         if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
@@ -405,45 +405,54 @@ def connect_ray(log_to_driver: bool = True) -> None:
             configure_logging()  # this process imported Ray Data before the variable was set
         # The dashboard's State API lets Train clean up placement groups (RAY.md §3); loopback only.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
-    try:
+    with own_cluster_address() if address == "local" else contextlib.nullcontext():
         ray.init(**kwargs)
-    finally:
-        if address == "local":  # the cluster's processes have it; this one must not keep a stale address
-            for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
-                os.environ.pop(k, None)
 
 
 # Below Linux's ephemeral range (32768-60999): a port the kernel hands out for outgoing
 # connections (Ray's own processes open many while starting) could otherwise be taken between
 # choosing it and the GCS binding it (the same race made test_job_submit flaky).
-GCS_PORT_RANGE = (20000, 32000)
+PORT_RANGE = (20000, 32000)
 
 
-def _free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """n distinct ports in PORT_RANGE that 127.0.0.1 can bind now (for a Ray cluster to take)."""
     import random
     import socket
 
     rng = random.Random()
+    ports: list[int] = []
     for _ in range(1000):
-        port = rng.randrange(*GCS_PORT_RANGE)
+        port = rng.randrange(*PORT_RANGE)
+        if port in ports:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        return port
-    raise UserError(f"no free TCP port in {GCS_PORT_RANGE[0]}-{GCS_PORT_RANGE[1]} for the local Ray cluster's GCS; "
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise UserError(f"not enough free TCP ports in {PORT_RANGE[0]}-{PORT_RANGE[1]} for a local Ray cluster; "
                     "free some, or start Ray yourself and set RAY_ADDRESS")
 
 
-def _own_cluster_address_for_its_processes() -> None:
-    """Pin the GCS port of the local cluster about to start and name it in RAY_ADDRESS, which its
-    processes inherit. Train's PlacementGroupCleaner looks its cluster up without an address;
+@contextlib.contextmanager
+def own_cluster_address() -> Iterator[None]:
+    """For the local cluster started inside the block: pin its GCS port and name it in
+    RAY_ADDRESS, which its processes inherit; this process drops both afterwards (it must not
+    keep a stale address). Train's PlacementGroupCleaner looks its cluster up without an address;
     with several Ray clusters on one machine it otherwise fails or, worse, asks another cluster
     whether our controller is alive and, told no, removes our placement group mid-run."""
-    port = _free_port()
+    port = free_ports(1)[0]
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
+            os.environ.pop(k, None)
 
 
 def _ray_data_logging_file() -> str:

@@ -22,12 +22,11 @@ def ray_session(tmp_path_factory):
     so Ray Data and Serve still get CPU (RAY.md §2)."""
     import ray
 
-    from ce_ray.train import _own_cluster_address_for_its_processes
+    from ce_ray.train import own_cluster_address
 
     # As train.connect_ray does: a pinned GCS port named in RAY_ADDRESS for the cluster's own
     # processes, so Train's placement-group cleaner asks this cluster, not another one here.
-    _own_cluster_address_for_its_processes()
-    try:
+    with own_cluster_address():
         ray.init(
             address="local",  # never attach to someone else's cluster on this machine
             num_cpus=2,
@@ -37,9 +36,6 @@ def ray_session(tmp_path_factory):
             _temp_dir=f"/tmp/ce_ray_tests/{os.getpid()}",  # distinct per pytest run: sessions run side by side
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         )
-    finally:
-        for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):  # the cluster's processes have them; this one must not
-            os.environ.pop(k, None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

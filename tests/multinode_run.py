@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -32,29 +31,23 @@ from ce_ray import config as C  # noqa: E402
 from ce_ray import train as T  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(shards: str, workdir: str, probe_dir: str) -> None:
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="cemn", dir="/tmp")
     # The cluster's processes inherit RAY_ADDRESS naming its own GCS: Train's placement-group
     # cleaner looks the cluster up without an address, which is ambiguous with the other Ray
-    # clusters on this machine (see train._own_cluster_address_for_its_processes).
-    gcs_port = free_port()
+    # clusters on this machine (see train.own_cluster_address).
+    gcs_port, dash_port, agent_head, agent_worker = T.free_ports(4)  # below the ephemeral range (train.PORT_RANGE)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     # 2 logical CPUs per node (on a 2-core machine: oversubscribed, which is fine for a test):
     # a 0.5-CPU Train worker plus Ray Data's 1-CPU decode tasks (data.DATA_TASK_CPUS) must fit on
     # one node; with 1 CPU per node no node could ever start a decode task and training would hang.
-    node = {"num_cpus": 2, "dashboard_agent_listen_port": free_port()}
+    node = {"num_cpus": 2, "dashboard_agent_listen_port": agent_head}
     cluster = Cluster(initialize_head=True, head_node_args={
-        **node, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        **node, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash_port,
         "temp_dir": temp_dir})
     try:
-        cluster.add_node(**{**node, "dashboard_agent_listen_port": free_port()})
+        cluster.add_node(**{**node, "dashboard_agent_listen_port": agent_worker})
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_config=ray.LoggingConfig(log_level="WARNING"))
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -24,33 +24,10 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from ce_ray import checkpoint as ckpt_io
+from ce_ray.train import free_ports  # below the kernel's ephemeral range: this test was flaky without
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-# Below Linux's ephemeral range (32768-60999): a port the kernel hands out for outgoing
-# connections (the head's own processes open many while starting) cannot then be taken from
-# under us between choosing it and the head binding it, which made this test flaky.
-PORT_RANGE = (20000, 32000)
-
-
-def free_ports(n: int) -> list[int]:
-    import random
-
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randrange(*PORT_RANGE)
-        if port in ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 def processes_using(marker: str) -> list[int]:

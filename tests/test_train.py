@@ -321,9 +321,11 @@ def test_multinode_two_workers_on_two_nodes(bundled_shards, tmp_path):
 def test_gcs_port_is_free_and_below_the_ephemeral_range():
     import socket
 
-    from ce_ray.train import GCS_PORT_RANGE, _free_port
+    from ce_ray.train import PORT_RANGE, free_ports
 
-    port = _free_port()
-    assert GCS_PORT_RANGE[0] <= port < GCS_PORT_RANGE[1] < 32768  # the kernel never hands it out for outgoing connections
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # still free: nothing kept it
+    ports = free_ports(7)
+    assert len(set(ports)) == 7
+    assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] < 32768 for p in ports)  # the kernel never hands them out for outgoing connections
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # still free: nothing kept it
