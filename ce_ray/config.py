@@ -64,6 +64,10 @@ class MaskConfig:
     num_blocks: int = 5  # random block: up to this many, possibly overlapping
     region_min: float = 0.20  # random region: resample until coverage is in [min, max]
     region_max: float = 0.30  # (train_random.lua)
+    # What the generator sees in the hole. "mean": train.lua's mean pixel. "diffusion" (not in the
+    # paper): the exact harmonic fill (masks.diffusion_fill), so the network starts from a smooth
+    # classical fill and learns what diffusion cannot do.
+    fill: Literal["mean", "diffusion"] = "mean"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,14 @@ class ModelConfig:
     ndf: int = 64
     channel_wise_fc: bool = False  # paper §3.1 bottleneck instead of the 4000-d conv code
     sync_bn: bool = False  # DDP: BatchNorm statistics over all workers
+    # Not in the paper, off by default. "resize": each decoder up-step is a nearest-neighbour 2x
+    # resize then a 3x3 conv (Odena et al. 2016) instead of a 4x4 stride-2 transposed conv, whose
+    # uneven overlaps paint checkerboard lattices; ~1.4x the generator's FLOPs.
+    upsample: Literal["transposed", "resize"] = "transposed"
+    # Not in the paper, off by default: the output is the input's predicted region (the hole's
+    # fill plus the visible ring) plus a learned correction, with the last layer zero-initialised,
+    # so an untrained generator returns its input's fill exactly (pair with mask.fill=diffusion).
+    residual: bool = False
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ def _model_fn(loaded, device: torch.device) -> Callable[[np.ndarray, np.ndarray]
     G = loaded.model.to(device)
 
     def run(images: np.ndarray, holes: np.ndarray) -> np.ndarray:
-        out = predict(G, torch.from_numpy(images).to(device), torch.from_numpy(holes).to(device), cfg.model.variant, cfg.data.fine_size)
+        out = predict(G, torch.from_numpy(images).to(device), torch.from_numpy(holes).to(device), cfg.model.variant, cfg.data.fine_size, cfg.mask.fill)
         return out.cpu().numpy()
 
     return run

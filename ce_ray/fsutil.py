@@ -1,4 +1,5 @@
-"""Filesystem steps shared by everything that writes a folder users read (shards, checkpoints)."""
+"""Filesystem steps shared by everything that writes a file or folder users read (shards,
+checkpoints, reports, the photo corpus)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,18 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, dest)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to a temp file beside `path`, then rename it into place: a reader (or a
+    killed run) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

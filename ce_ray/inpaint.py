@@ -371,7 +371,7 @@ def inpaint_many(loaded: LoadedGenerator, plans: list[Plan]) -> list[np.ndarray]
             pairs = [p.window_input(i) for p, i in chunk]
             images = torch.from_numpy(np.stack([a for a, _ in pairs])).to(device)  # (B, 3, S, S)
             holes = torch.from_numpy(np.stack([b for _, b in pairs])).to(device)  # (B, 1, S, S)
-            out = predict(loaded.model, images, holes, cfg.model.variant, cfg.data.fine_size).cpu().numpy()
+            out = predict(loaded.model, images, holes, cfg.model.variant, cfg.data.fine_size, cfg.mask.fill).cpu().numpy()
             for (p, i), o in zip(chunk, out):
                 p.paste(i, o)
 

@@ -9,6 +9,7 @@ still predicted (the centre ring; the context of full-image variants).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,16 +69,116 @@ def full_weights(hole: torch.Tensor, lambda_rec: float, overlap_weight: float) -
     return lambda_rec * (h + overlap_weight * (1.0 - h))
 
 
-def fill_hole(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-    """Replace hole pixels with the mean-pixel fill. images: (B, 3, H, W) in [-1, 1];
+FILLS = ("mean", "diffusion")  # MaskConfig.fill: what the generator sees in the hole
+
+
+def fill_hole(images: torch.Tensor, hole: torch.Tensor, kind: str = "mean") -> torch.Tensor:
+    """Replace hole pixels with the fill the generator is trained with: "mean" (train.lua's mean
+    pixel) or "diffusion" (`diffusion_fill`, not in the paper). images: (B, 3, H, W) in [-1, 1];
     hole: (H, W) or (B, 1, H, W), bool or {0, 1}. Returns a new tensor."""
     import torch
 
-    fill = torch.tensor(MEAN_PIXEL_FILL, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     h = hole.to(device=images.device, dtype=torch.bool)
     if h.dim() == 2:
         h = h[None, None]
+    if kind == "diffusion":
+        return diffusion_fill(images, h)
+    if kind != "mean":
+        raise UserError(f"unknown hole fill {kind!r}; use one of {', '.join(FILLS)}")
+    fill = torch.tensor(MEAN_PIXEL_FILL, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return torch.where(h, fill, images)
+
+
+def _harmonic_system(hole: np.ndarray):
+    """The discrete Laplace equation on the hole pixels of one (H, W) bool hole: 5-point stencil,
+    known neighbours as boundary values, no flux across the image border. Returns (L, B, inside,
+    boundary): L (n, n) sparse, B (n, m) sparse, flat indices of the n hole and m boundary pixels;
+    the fill u solves L u = B b for the boundary values b."""
+    import scipy.sparse as sp
+
+    h, w = hole.shape
+    inside = np.flatnonzero(hole)
+    pos = np.full(h * w, -1, dtype=np.int64)
+    pos[inside] = np.arange(len(inside))
+    ys, xs = np.divmod(inside, w)
+    rows, cols, vals, brows, bpix = [], [], [], [], []
+    degree = np.zeros(len(inside))
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = ys + dy, xs + dx
+        ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)  # no neighbour beyond the border
+        degree += ok
+        q = ny[ok] * w + nx[ok]
+        r = np.flatnonzero(ok)
+        unknown = pos[q] >= 0
+        rows.append(r[unknown]); cols.append(pos[q[unknown]]); vals.append(-np.ones(int(unknown.sum())))
+        brows.append(r[~unknown]); bpix.append(q[~unknown])
+    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    brows, bpix = np.concatenate(brows), np.concatenate(bpix)
+    boundary, bcol = np.unique(bpix, return_inverse=True)
+    n = len(inside)
+    L = sp.csc_matrix((np.concatenate([degree, vals]), (np.concatenate([np.arange(n), rows]), np.concatenate([np.arange(n), cols]))), shape=(n, n))
+    B = sp.csc_matrix((np.ones(len(brows)), (brows, bcol)), shape=(n, len(boundary)))
+    return L, B, inside, boundary
+
+
+@functools.lru_cache(maxsize=8)
+def _harmonic_operator(hole_bytes: bytes, shape: tuple[int, int]):
+    """(inside, boundary, A) with A (n, m) float32 mapping boundary values to the harmonic fill,
+    for a hole shared by a whole batch (the centre hole): one sparse factorisation, then each
+    batch is a single matrix product. Cached: the centre hole is the same every step."""
+    import scipy.sparse.linalg as spl
+
+    hole = np.frombuffer(hole_bytes, dtype=bool).reshape(shape)
+    L, B, inside, boundary = _harmonic_system(hole)
+    A = spl.splu(L).solve(B.toarray())  # (n, m) dense: 3136 x 224 for the 56x56 centre hole
+    return inside, boundary, A.astype(np.float32)
+
+
+def diffusion_fill(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Harmonic (membrane) inpainting: hole pixels solve Laplace's equation with the pixels around
+    the hole as boundary values, the smooth fill that classical diffusion inpainting (Navier-
+    Stokes, Telea) approximates, solved exactly. Not in the paper: with `mask.fill=diffusion` the
+    generator sees this instead of the mean pixel and only has to learn what diffusion cannot do.
+    images: (B, C, H, W); hole: (B, 1, H, W) bool. Pixels outside the hole are returned as they
+    are; an image with no known pixel gets the mean-pixel fill.
+
+    A hole shared by the whole batch (the centre hole) costs one cached factorisation and then a
+    (n x m) matrix product per batch on the images' device (~2 MMAC per image for the centre
+    hole); a batch of different holes is solved per image with a sparse factorisation on the CPU."""
+    import torch
+
+    h = hole.bool()
+    if h.dim() == 2:
+        h = h[None, None].expand(images.shape[0], 1, *h.shape)
+    b, c, height, width = images.shape
+    out = images.clone()
+    if b == 0:
+        return out
+    flat = out.reshape(b, c, height * width)
+    h_np = h[:, 0].cpu().numpy()
+    mean = torch.tensor(MEAN_PIXEL_FILL[:c] if c <= 3 else [0.0] * c, dtype=images.dtype, device=images.device)
+    shared = bool((h_np == h_np[:1]).all())
+    for i in ([0] if shared else range(b)):
+        hi = h_np[i]
+        rows = slice(None) if shared else slice(i, i + 1)
+        if not hi.any():
+            continue
+        if hi.all():  # nothing to diffuse from
+            flat[rows] = torch.where(torch.from_numpy(hi.reshape(-1)).to(images.device), mean[:, None], flat[rows])
+            continue
+        if shared:
+            inside, boundary, A = _harmonic_operator(np.ascontiguousarray(hi).tobytes(), hi.shape)
+            A_t = torch.from_numpy(A).to(images.device)
+            bvals = flat[:, :, torch.from_numpy(boundary).to(images.device)].float()  # (B, C, m)
+            flat[:, :, torch.from_numpy(inside).to(images.device)] = (bvals @ A_t.T).to(images.dtype)  # (B, C, n)
+        else:
+            import scipy.sparse.linalg as spl
+
+            L, B, inside, boundary = _harmonic_system(hi)
+            bvals = flat[i, :, torch.from_numpy(boundary).to(images.device)].float().cpu().numpy()  # (C, m)
+            u = spl.splu(L).solve(np.ascontiguousarray((B @ bvals.T)))  # (n, C)
+            flat[i, :, torch.from_numpy(inside).to(images.device)] = torch.from_numpy(u.T.astype(np.float32)).to(images.device, images.dtype)
+    return out
 
 
 def fill_hole_np(images: np.ndarray, hole: np.ndarray) -> np.ndarray:

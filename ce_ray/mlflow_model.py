@@ -45,7 +45,7 @@ class ContextEncoderModel(PythonModel):
                 raise ValueError("this generator fills arbitrary holes: pass {'image': (B,3,S,S), 'hole': (B,1,S,S)}")
             hole = torch.from_numpy(center_hole(cfg.data.fine_size, cfg.mask.overlap)).float()  # (S, S) bool -> {0, 1}
             holes = hole.expand(images.shape[0], 1, -1, -1)  # (B, 1, S, S)
-        out = predict(self.loaded.model, images, holes, cfg.model.variant, cfg.data.fine_size)
+        out = predict(self.loaded.model, images, holes, cfg.model.variant, cfg.data.fine_size, cfg.mask.fill)
         return out.numpy()
 
 

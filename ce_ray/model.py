@@ -17,6 +17,7 @@ from ce_ray.config import ModelConfig
 LEAK = 0.2  # LeakyReLU slope in encoder and discriminator
 INIT_STD = 0.02  # N(0, 0.02) conv weights; BN gamma ~ N(1, 0.02)
 KERNEL = 4
+RESIZE_KERNEL = 3  # the conv after each nearest-neighbour resize (model.upsample=resize)
 
 
 def down(cin: int, cout: int, bn: bool = True) -> nn.Sequential:
@@ -28,9 +29,16 @@ def down(cin: int, cout: int, bn: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def up(cin: int, cout: int) -> nn.Sequential:
-    """4x4 stride-2 transposed conv doubling H and W, BN, ReLU."""
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, KERNEL, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def up(cin: int, cout: int, mode: str = "transposed") -> nn.Sequential:
+    """Double H and W, BN, ReLU: a 4x4 stride-2 transposed conv (the paper), or a nearest 2x
+    resize then a 3x3 conv (mode "resize": no checkerboard from uneven kernel overlap)."""
+    return nn.Sequential(*upsample_conv(cin, cout, mode), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def upsample_conv(cin: int, cout: int, mode: str) -> list[nn.Module]:
+    if mode == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, RESIZE_KERNEL, 1, RESIZE_KERNEL // 2, bias=False)]
+    return [nn.ConvTranspose2d(cin, cout, KERNEL, 2, 1, bias=False)]
 
 
 class DenseConv(nn.Conv2d):
@@ -80,8 +88,9 @@ class Generator(nn.Module):
     patch (train.lua). variant 'full': -> 3x128x128 image (train_random.lua's extra up-conv)."""
 
     def __init__(self, variant: str = "center", bottleneck: int = 4000, ngf: int = 64, channel_wise_fc: bool = False,
-                 dense_bottleneck: bool = True):
+                 dense_bottleneck: bool = True, upsample: str = "transposed", residual: bool = False):
         super().__init__()
+        self.residual = residual
         # dense_bottleneck=False builds E6/D1 as plain conv layers, as the ports do (benchmarks).
         conv, convt = (DenseConv, DenseConvTranspose) if dense_bottleneck else (nn.Conv2d, nn.ConvTranspose2d)
         self.variant = variant
@@ -104,14 +113,25 @@ class Generator(nn.Module):
                 conv(8 * c, bottleneck, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(bottleneck), nn.LeakyReLU(LEAK, inplace=True),  # E6 (B, 4000, 1, 1)
                 convt(bottleneck, 8 * c, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(8 * c), nn.ReLU(inplace=True),  # D1 (B, 512, 4, 4)
             )
-        layers = [up(8 * c, 4 * c), up(4 * c, 2 * c), up(2 * c, c)]  # D2-D4 -> (B, 64, 32, 32)
+        layers = [up(8 * c, 4 * c, upsample), up(4 * c, 2 * c, upsample), up(2 * c, c, upsample)]  # D2-D4 -> (B, 64, 32, 32)
         if variant == "full":
-            layers.append(up(c, c))  # train_random.lua's extra up-conv -> (B, 64, 64, 64)
-        layers += [nn.ConvTranspose2d(c, 3, KERNEL, 2, 1, bias=False), nn.Tanh()]  # D5 -> (B, 3, 64|128, 64|128)
+            layers.append(up(c, c, upsample))  # train_random.lua's extra up-conv -> (B, 64, 64, 64)
+        layers += upsample_conv(c, 3, upsample)  # D5 -> (B, 3, 64|128, 64|128)
+        if not residual:  # a residual output is a correction, unbounded; predict() clamps the sum
+            layers.append(nn.Tanh())
         self.decoder = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.bottleneck(self.encoder(x)))
+    def last_conv(self) -> nn.Module:
+        return [m for m in self.decoder if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) context, hole filled -> (B, 3, S/2 | S, ...)
+        y = self.decoder(self.bottleneck(self.encoder(x)))
+        if not self.residual:
+            return y
+        if self.variant == "center":
+            lo = x.shape[-1] // 4  # the predicted centre region, img[:, :, S/4:3S/4, S/4:3S/4]
+            return x[:, :, lo : x.shape[-1] - lo, lo : x.shape[-1] - lo] + y
+        return x + y
 
 
 class Discriminator(nn.Module):
@@ -147,7 +167,11 @@ def init_weights(model: nn.Module) -> nn.Module:
 
 
 def build_generator(cfg: ModelConfig) -> Generator:
-    return init_weights(Generator(cfg.variant, cfg.bottleneck, cfg.ngf, cfg.channel_wise_fc))
+    G = init_weights(Generator(cfg.variant, cfg.bottleneck, cfg.ngf, cfg.channel_wise_fc,
+                               upsample=cfg.upsample, residual=cfg.residual))
+    if cfg.residual:  # start as the identity on the fill: the correction grows from zero
+        nn.init.zeros_(G.last_conv().weight)
+    return G
 
 
 def build_discriminator(cfg: ModelConfig, fine_size: int = 128) -> Discriminator:

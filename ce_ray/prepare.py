@@ -66,6 +66,7 @@ SHARD_SCHEMA = pa.schema(
 _RESULT_SCHEMA = SHARD_SCHEMA.append(pa.field("reason", pa.string()))
 MANIFEST_FORMAT = "ce-ray-shards/1"
 _GLOB_CHARS = set("*?[")
+MAX_LISTED_VAL_KEYS = 10_000  # manifest.json names the val photos up to this many
 
 
 @dataclass(frozen=True)
@@ -248,13 +249,33 @@ def _read_list(list_path: str, remote: bool) -> Iterator[str]:
             yield line
 
 
-def discover(src: str, exclude: Iterable[str] = ()) -> tuple[list[SourceFile], list[dict[str, str]]]:
+def corpus_files(corpus_dir: str | os.PathLike | None = None, *, fetch_missing: bool = True) -> list[SourceFile]:
+    """The photos of the offline corpus (corpus.py), keyed '<package>/<path>' as its sources.json
+    lists them; fetched first when the folder has no sources.json yet."""
+    from ce_ray import corpus
+
+    root = Path(corpus_dir or corpus.DEFAULT_DIR).absolute()
+    if not (root / "sources.json").is_file():
+        if not fetch_missing:
+            raise UserError(f"no corpus in {root}: run `ce-ray corpus fetch --out {root}` first")
+        print(f"no corpus in {root} yet: fetching it first (ce-ray corpus fetch --out {root})", file=sys.stderr, flush=True)
+        corpus.fetch(root, log=lambda m: print(m, file=sys.stderr, flush=True))
+    sources = corpus.load_sources(root)
+    files = [SourceFile(p["key"], str(root / p["path"])) for p in sources["photos"]]
+    return sorted(files, key=lambda f: f.key)
+
+
+def discover(src: str, exclude: Iterable[str] = (), corpus_dir: str | os.PathLike | None = None) -> tuple[list[SourceFile], list[dict[str, str]]]:
     """SRC -> (files sorted by key, [{path, reason}] for duplicate list entries). `exclude`:
-    absolute path prefixes never to list (OUT and its temporary siblings when OUT is under SRC)."""
+    absolute path prefixes never to list (OUT and its temporary siblings when OUT is under SRC).
+    SRC "bundled": the photos inside installed wheels; "corpus": the offline corpus in
+    `corpus_dir` (fetched first if missing)."""
     if src == "bundled":
         from ce_ray.photos import bundled_photos
 
         return [SourceFile(p.name, str(p.path)) for p in bundled_photos()], []
+    if src == "corpus":
+        return corpus_files(corpus_dir), []
     src = _strip_file_scheme(src)
     if _is_uri(src):
         return _discover_remote(src)
@@ -441,6 +462,7 @@ def prepare(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     engine: str = "ray",
     progress: bool = True,
+    corpus_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Ingest SRC into Parquet shards under OUT; returns the manifest (also OUT/manifest.json).
 
@@ -462,7 +484,7 @@ def prepare(
     if _is_uri(out):
         raise UserError(f"--out must be a local folder (got {out!r}); copy the shards to a bucket afterwards if needed")
     out_p = Path(_strip_file_scheme(out)).absolute()
-    if src != "bundled" and not _is_uri(src):
+    if src not in ("bundled", "corpus") and not _is_uri(src):
         s = Path(_strip_file_scheme(src)).absolute()
         if s == out_p or out_p in s.parents:
             raise UserError(f"--out {out_p} is SRC or contains it; choose an --out outside the photo folder")
@@ -471,7 +493,7 @@ def prepare(
 
     opts = Options(load_size=load_size, min_size=min_size, keep_original=keep_original, max_pixels=max_pixels)
     # When OUT lies inside SRC, never ingest OUT itself or our temp siblings (.OUT.partial-*, .OUT.old-*).
-    files, skipped = discover(src, exclude=[str(out_p) + os.sep, str(out_p.parent / f".{out_p.name}.")])
+    files, skipped = discover(src, exclude=[str(out_p) + os.sep, str(out_p.parent / f".{out_p.name}.")], corpus_dir=corpus_dir)
     inputs = len(files) + len(skipped)  # skipped holds only duplicate list entries so far
     if not files:
         raise UserError(f"no files found in SRC {src!r}")
@@ -481,6 +503,7 @@ def prepare(
     tmp.mkdir()
     try:
         writers = {s: _ShardWriter(tmp / s, rows_per_shard) for s in ("train", "val")}
+        val_keys: list[str] = []
         results = _results_ray(files, opts) if engine == "ray" else _results_local(files, opts)
         bar = _progress(len(files), progress)
         for row in results:
@@ -489,7 +512,10 @@ def prepare(
                 skipped.append({"path": row["source"], "reason": row["reason"]})
                 continue
             row.pop("reason")
-            writers[samples.split_of(row[samples.KEY_COLUMN], val_fraction)].add(row)
+            split = samples.split_of(row[samples.KEY_COLUMN], val_fraction)
+            if split == "val":
+                val_keys.append(row[samples.KEY_COLUMN])
+            writers[split].add(row)
         bar.close()
         for w in writers.values():
             w.flush()
@@ -510,6 +536,9 @@ def prepare(
                 "function": "ce_ray.samples.split_of",
                 "val_fraction": val_fraction,
             },
+            # The photos scored by validation and `ce-ray evaluate`, named, so a val split can be
+            # checked against another run's (and never overlaps what was trained on).
+            "val_keys": val_keys if len(val_keys) <= MAX_LISTED_VAL_KEYS else None,
             "shards": {s: [f"{s}/{n}" for n in w.files] for s, w in writers.items()},
             "columns": SHARD_SCHEMA.names,
             "encoding": "stored" if keep_original else f"JPEG quality {JPEG_QUALITY}, 4:4:4",
@@ -543,7 +572,9 @@ def load_manifest(shards: str) -> dict[str, Any]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("src", metavar="SRC", nargs="?", default="bundled",
-                        help="folder (recursive), glob, .txt list of paths, URI (s3://, gs://) or 'bundled' (default)")
+                        help="folder (recursive), glob, .txt list of paths, URI (s3://, gs://), 'bundled' (default: the 12 "
+                             "photos inside installed wheels) or 'corpus' (the ~280-photo offline corpus; fetched if missing)")
+    parser.add_argument("--corpus-dir", default=None, help="where the corpus lives for SRC 'corpus' (default outputs/corpus)")
     parser.add_argument("--out", required=True, help="output folder for train/, val/ and manifest.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--keep-original", action="store_true", help="store photos at full size (default: shorter side = --load-size)")
@@ -556,7 +587,8 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     m = prepare(args.src, args.out, val_fraction=args.val_fraction, rows_per_shard=args.rows_per_shard, load_size=args.load_size,
-                keep_original=args.keep_original, overwrite=args.overwrite, max_pixels=args.max_pixels, engine=args.engine)
+                keep_original=args.keep_original, overwrite=args.overwrite, max_pixels=args.max_pixels, engine=args.engine,
+                corpus_dir=args.corpus_dir)
     print(f"prepared {m['ingested']} photos ({m['train']} train, {m['val']} val) in {args.out}; "
           f"skipped {len(m['skipped'])} (reasons in {os.path.join(args.out, 'manifest.json')})")
     return 0

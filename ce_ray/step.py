@@ -86,7 +86,7 @@ class GanStep:
         images: (B, 3, S, S) in [-1, 1]; holes: (B, 1, S, S) in {0, 1}."""
         images = images.to(self.device, non_blocking=True)
         holes = holes.to(self.device, non_blocking=True)
-        context = fill_hole(images, holes).contiguous(memory_format=self.memory_format)
+        context = fill_hole(images, holes, self.cfg.mask.fill).contiguous(memory_format=self.memory_format)
         if self.cfg.model.variant == "center":
             lo, hi = self.center
             return context, images[:, :, lo:hi, lo:hi], self.center_w  # target (B, 3, 64, 64)
@@ -150,14 +150,15 @@ class GanStep:
 
 
 @torch.no_grad()
-def predict(G: nn.Module, images: torch.Tensor, holes: torch.Tensor, variant: str, fine_size: int = 128) -> torch.Tensor:
+def predict(G: nn.Module, images: torch.Tensor, holes: torch.Tensor, variant: str, fine_size: int = 128,
+            fill: str = "mean") -> torch.Tensor:
     """Inpaint a batch in eval mode and paste the prediction into the hole only: every pixel
-    outside the hole is the input's. images: (B, 3, S, S) in [-1, 1]; holes (B, 1, S, S).
-    Returns (B, 3, S, S) in [-1, 1]."""
+    outside the hole is the input's. images: (B, 3, S, S) in [-1, 1]; holes (B, 1, S, S); `fill`:
+    the hole fill the model was trained with (MaskConfig.fill). Returns (B, 3, S, S) in [-1, 1]."""
     was_training = G.training
     G.eval()
     try:
-        out = G(fill_hole(images, holes)).float()
+        out = G(fill_hole(images, holes, fill)).float().clamp(-1.0, 1.0)  # a residual output is unbounded
     finally:
         G.train(was_training)
     full = images.clone()
