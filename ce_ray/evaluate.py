@@ -316,6 +316,11 @@ def _write_grids(out: Path, tiles: Tiles, sample: list[int], shown: dict[str, np
     return files
 
 
+def package_of(key: str) -> str:
+    """The group a photo key belongs to in per-package tables: its first path component."""
+    return key.split("/", 1)[0] if "/" in key else "."
+
+
 def _means(s: dict[str, np.ndarray], idx: np.ndarray | slice = slice(None)) -> dict[str, float]:
     return {k: float(np.mean(s[k][idx])) for k in METRICS}
 
@@ -327,6 +332,14 @@ def _report(data: str, tiles: Tiles, mask: MaskConfig, max_tiles: int, loaded, p
     for k in dict.fromkeys(tiles.keys):  # photos in evaluation order
         idx = np.flatnonzero(keys == k)
         per_photo[k] = {"tiles": int(len(idx)), **{m: _means(s, idx) for m, s in per_tile.items()}}
+    # The source package (or folder) of each photo: the first part of its key, e.g.
+    # "gcompris-qt-data/erase/..." -> "gcompris-qt-data", "skimage/rocket" -> "skimage".
+    groups = np.asarray([package_of(k) for k in tiles.keys])
+    per_package = {}
+    for g in dict.fromkeys(groups.tolist()):
+        idx = np.flatnonzero(groups == g)
+        per_package[g] = {"photos": len({tiles.keys[i] for i in idx}), "tiles": int(len(idx)),
+                          **{m: _means(s, idx) for m, s in per_tile.items()}}
     model = None
     if loaded:
         c = loaded.config
@@ -358,6 +371,7 @@ def _report(data: str, tiles: Tiles, mask: MaskConfig, max_tiles: int, loaded, p
         "methods": {m: {**_means(s), "label": label(m, {"model": model})} for m, s in per_tile.items()},
         "reference": {"note": "Pathak et al. 2016, Table 1, centre hole on Paris StreetView: a different dataset, for scale only",
                       "rows": list(PAPER_REFERENCE)},
+        "per_package": per_package,
         "per_photo": per_photo,
         "pictures": pictures,
         "sample_tiles": [{"key": tiles.keys[i], "tile": tiles.index[i]} for i in sample],
@@ -416,6 +430,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     md += [f"| {r['method']} | {r['dataset']} | {_fmt(r['l1'], True)} | {_fmt(r['l2'], True)} | {_fmt(r['psnr'])} |"
            for r in report["reference"]["rows"]]
     methods = list(report["methods"])
+    md += ["", "## L1 (%) / PSNR (dB) per package", "", "| package | photos | tiles | " + " | ".join(methods) + " |",
+           "|---|---|---|" + "---|" * len(methods)]
+    md += [f"| `{k}` | {v['photos']} | {v['tiles']} | " + " | ".join(f"{_fmt(v[m]['l1'], True)} / {_fmt(v[m]['psnr'])}" for m in methods) + " |"
+           for k, v in report.get("per_package", {}).items()]
     md += ["", "## PSNR (dB) per photo", "", "| photo | tiles | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     md += [f"| `{k}` | {v['tiles']} | " + " | ".join(_fmt(v[m]["psnr"]) for m in methods) + " |" for k, v in report["per_photo"].items()]
     pics = report["pictures"]

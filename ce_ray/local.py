@@ -58,6 +58,7 @@ class LocalResult:
 def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = False, tracker=None, log=None) -> LocalResult:
     from ce_ray.local_data import LocalTrainStream, load_val  # pyarrow readers, no Ray
 
+    log = log or functools.partial(print, flush=True)
     name = run_name or cfg.scale.run_name or fresh_run_name()
     run_dir = Path(cfg.train.output_dir).resolve() / name
     existing = checkpoints_in(run_dir)
@@ -87,7 +88,7 @@ def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = Fals
                 shutil.rmtree(old, ignore_errors=True)
 
     env = WorkerEnv(train_batches=stream.epoch, val_data=lambda: load_val(cfg), report=report, restore=restore,
-                    device=device, tracker=tracker or FolderTracker(run_dir), log=log or functools.partial(print, flush=True))
+                    device=device, tracker=tracker or FolderTracker(run_dir), log=log)
     run(cfg, env)
     if state["checkpoint"] is None:
         raise UserError("training finished without writing a checkpoint")  # cannot happen: the last step always checkpoints

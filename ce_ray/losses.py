@@ -10,10 +10,25 @@ import torch
 import torch.nn.functional as F
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, kind: str = "l2") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+# loss.rec=log_l2: per-image mean squared error (in [-1, 1] units, ring-weighted) is floored at
+# this before the log, i.e. a fill counts as perfect at ~56 dB PSNR.
+LOG_L2_EPS = 1e-5
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, kind: str = "l2",
+                        lambda_rec: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """mean(W * (pred - target)^2) (or |.| for 'l1') over B, C, H, W, computed in fp32.
-    pred/target: (B, 3, H, W); weights: (H, W) or (B, 1, H, W), already holding lambda_rec."""
+    pred/target: (B, 3, H, W); weights: (H, W) or (B, 1, H, W), already holding lambda_rec.
+
+    kind 'log_l2' (not in the paper): lambda_rec * mean over images of log(mse_i + eps), mse_i
+    being image i's W-weighted squared error with lambda_rec divided out. The mean of per-image
+    logs is what the reported per-image-averaged PSNR measures (-10 log10 mse), so a smooth tile,
+    whose small error the plain mean hardly sees, weighs as much as a textured one."""
     diff = pred.float() - target.float()
+    if kind == "log_l2":
+        per_image = (weights * diff.square()).flatten(1).mean(dim=1) / max(lambda_rec, 1e-12)  # (B,)
+        loss = lambda_rec * torch.log(per_image + LOG_L2_EPS).mean()
+        return loss, {"loss_rec": loss.detach()}
     err = diff.square() if kind == "l2" else diff.abs()
     loss = (weights * err).mean()
     return loss, {"loss_rec": loss.detach()}

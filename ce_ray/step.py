@@ -101,13 +101,15 @@ class GanStep:
         real = target.contiguous(memory_format=self.memory_format)
         G.train()
         D.train()
+        if cfg.loss.lambda_adv == 0:
+            return self._reconstruction_only(context, target, weights)
         with autocast(self.device, cfg.train.precision):
             fake = G(context)  # (B, 3, 64, 64) centre, or (B, 3, S, S) full
             real_logits = D(real)  # (B,)
             fake_logits = D(fake)  # (B,), graph reaches back into G
             loss_d, m_d = discriminator_loss(real_logits, fake_logits)
             loss_adv, m_adv = generator_adversarial_loss(fake_logits, cfg.loss.lambda_adv)
-        loss_rec, m_rec = reconstruction_loss(fake, target, weights, cfg.loss.rec)
+        loss_rec, m_rec = reconstruction_loss(fake, target, weights, cfg.loss.rec, cfg.loss.lambda_rec)
         loss_g = loss_adv + loss_rec
 
         self.opt_d.zero_grad(set_to_none=True)
@@ -125,6 +127,25 @@ class GanStep:
             self.opt_d.step()
             self.opt_g.step()
         return {**m_d, **m_adv, **m_rec, "loss_g": loss_g.detach()}
+
+    def _reconstruction_only(self, context: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """lambda_adv = 0: L_G is the reconstruction loss alone and nothing depends on D, so D is
+        neither run nor updated (a third of a step's work); its metrics are NaN."""
+        cfg = self.cfg
+        with autocast(self.device, cfg.train.precision):
+            fake = self.G(context)
+        loss_rec, m_rec = reconstruction_loss(fake, target, weights, cfg.loss.rec, cfg.loss.lambda_rec)
+        self.opt_g.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss_rec).backward()
+            self.scaler.step(self.opt_g)
+            self.scaler.update()
+        else:
+            loss_rec.backward()
+            self.opt_g.step()
+        nan = torch.full((), float("nan"), device=loss_rec.device)
+        zero = torch.zeros((), device=loss_rec.device)
+        return {"loss_d": nan, "d_real": nan, "d_fake": nan, "loss_g_adv": zero, **m_rec, "loss_g": loss_rec.detach()}
 
     def set_lr_scale(self, factor: float) -> None:
         """Both learning rates = the configured ones x factor (the schedule in lr_factor)."""

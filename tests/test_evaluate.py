@@ -103,7 +103,7 @@ def test_folder_protocol_is_deterministic_and_reports_every_method(photo_dir, tm
     for m in a["methods"].values():
         assert set(E.METRICS) <= set(m)
     s = a["methods"]
-    for m in ("telea", "navier_stokes", "biharmonic"):  # smooth photos: diffusion wins clearly
+    for m in ("telea", "navier_stokes", "biharmonic", "harmonic"):  # smooth photos: diffusion wins clearly
         assert s[m]["l1"] < s["mean_fill"]["l1"] and s[m]["psnr"] > s["mean_fill"]["psnr"]
     assert a["protocol"]["mask"]["kind"] == "center" and a["protocol"]["mask"]["overlap"] == C.OVERLAP_PRED
     assert a["protocol"]["hole_fraction"] == pytest.approx((64 - 2 * C.OVERLAP_PRED) ** 2 / 128**2)
@@ -117,8 +117,13 @@ def test_folder_protocol_is_deterministic_and_reports_every_method(photo_dir, tm
     assert "Paris StreetView" in md and "different dataset" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(links) == sorted(f"grid_{m}.png" for m in [*BASELINES, "all"])  # relative links
-    with Image.open(tmp_path / "a" / "grid_all.png") as im:  # masked | 4 methods | truth, 4 rows
-        assert im.size == (6 * 128 + 5 * 2, 4 * 128 + 3 * 2)
+    with Image.open(tmp_path / "a" / "grid_all.png") as im:  # masked | every method | truth, 4 rows
+        cols = len(BASELINES) + 2
+        assert im.size == (cols * 128 + (cols - 1) * 2, 4 * 128 + 3 * 2)
+    # Photos grouped by the first part of their key: the folder's top-level files form one group.
+    assert list(a["per_package"]) == ["."] and a["per_package"]["."]["tiles"] == 12 and a["per_package"]["."]["photos"] == 2
+    assert a["per_package"]["."]["telea"]["psnr"] == pytest.approx(s["telea"]["psnr"])
+    assert "per package" in md
     with Image.open(tmp_path / "a" / "grid_telea.png") as im:
         assert im.size == (3 * 128 + 2 * 2, 4 * 128 + 3 * 2)
     assert not list((tmp_path / "a").glob(".*"))  # no temp files left behind

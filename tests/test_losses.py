@@ -54,3 +54,23 @@ def test_losses_do_not_call_backward():
     assert pred.grad is None
     loss.backward()
     assert pred.grad is not None
+
+
+def test_log_l2_is_the_mean_of_per_image_logs_and_weighs_smooth_images_equally():
+    from ce_ray.losses import LOG_L2_EPS
+
+    target = torch.zeros(2, 3, 4, 4)
+    pred = torch.zeros(2, 3, 4, 4)
+    pred[0] += 0.5  # a large error on image 0
+    pred[1] += 0.01  # a tiny one on image 1
+    w = torch.full((4, 4), 0.9)
+    loss, m = reconstruction_loss(pred, target, w, "log_l2", lambda_rec=0.9)
+    expected = 0.9 * (math.log(0.25 + LOG_L2_EPS) + math.log(1e-4 + LOG_L2_EPS)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["loss_rec"] == loss.detach()
+    # Halving each image's error lowers the loss by the same amount whatever its size: the
+    # small-error image counts as much as the large one (the plain mean would not see it).
+    p = pred.clone().requires_grad_(True)
+    reconstruction_loss(p, target, w, "log_l2", 0.9)[0].backward()
+    g = p.grad.abs().flatten(1).sum(1)
+    assert g[1] > 10 * g[0]

@@ -104,3 +104,41 @@ def test_the_decode_path_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_diffusion_fill_reproduces_harmonic_images_and_solves_laplace():
+    # A linear ramp is harmonic: the exact fill recovers it inside any hole.
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    img = torch.stack([0.5 * xx, 0.3 * yy - 0.2, 0.25 * (xx + yy)])[None]  # (1, 3, 32, 32)
+    hole = torch.from_numpy(M.center_hole(32, 2))[None, None]
+    out = M.fill_hole(img, hole, "diffusion")
+    assert (out - img).abs().max() < 1e-5
+    # On any image: every hole pixel is the mean of its 4 neighbours, context untouched.
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(-1, 1, (2, 3, 24, 24)).astype(np.float32))
+    h = torch.zeros(2, 1, 24, 24, dtype=torch.bool)
+    h[:, :, 5:15, 8:20] = True
+    f = M.diffusion_fill(x, h)
+    assert torch.equal(f[~h.expand_as(f)], x[~h.expand_as(x)])
+    p = f.double()
+    avg = 0.25 * (p[..., 4:14, 8:20] + p[..., 6:16, 8:20] + p[..., 5:15, 7:19] + p[..., 5:15, 9:21])
+    assert (p[..., 5:15, 8:20] - avg).abs().max() < 1e-4
+
+
+def test_diffusion_fill_shared_and_per_image_holes_agree_and_edge_cases():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.uniform(-1, 1, (3, 3, 20, 20)).astype(np.float32))
+    h = torch.zeros(3, 1, 20, 20, dtype=torch.bool)
+    h[:, :, 0:8, 0:9] = True  # touches the image border: no flux across it
+    shared = M.diffusion_fill(x, h)
+    h2 = h.clone()
+    h2[2, 0, 19, 19] = True  # one image differs: every image is solved on its own
+    per_image = M.diffusion_fill(x, h2)
+    assert (shared[:2] - per_image[:2]).abs().max() < 1e-5
+    assert (shared[2, :, :8, :9] - per_image[2, :, :8, :9]).abs().max() < 1e-3
+    # Nothing to diffuse from: the mean pixel. No hole: unchanged.
+    full = M.diffusion_fill(x[:1], torch.ones(1, 1, 20, 20, dtype=torch.bool))
+    assert torch.allclose(full[0, :, 3, 3], torch.tensor(M.MEAN_PIXEL_FILL))
+    assert torch.equal(M.diffusion_fill(x, torch.zeros(3, 1, 20, 20, dtype=torch.bool)), x)
+    with pytest.raises(UserError, match="unknown hole fill"):
+        M.fill_hole(x, h, "zeros")

@@ -82,3 +82,31 @@ def test_sync_batchnorm_conversion():
     G = nn.SyncBatchNorm.convert_sync_batchnorm(build_generator(ModelConfig(bottleneck=32, ngf=8)))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in G.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in G.modules())
+
+
+@pytest.mark.parametrize("variant, out", [("center", 64), ("full", 128)])
+def test_resize_decoder_has_no_transposed_convs_and_keeps_shapes(variant, out):
+    G = build_generator(ModelConfig(variant=variant, upsample="resize", bottleneck=32, ngf=8))
+    decoder_layers = list(G.decoder.modules())
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in decoder_layers)
+    assert sum(isinstance(m, nn.Upsample) for m in decoder_layers) == (4 if variant == "center" else 5)
+    y = G(torch.rand(2, 3, 128, 128) * 2 - 1)
+    assert y.shape == (2, 3, out, out) and y.abs().max() <= 1
+    y.sum().backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
+@pytest.mark.parametrize("variant", ["center", "full"])
+def test_residual_generator_starts_as_the_identity_on_its_input(variant):
+    G = build_generator(ModelConfig(variant=variant, residual=True, bottleneck=32, ngf=8)).eval()
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        y = G(x)
+    expected = x[:, :, 32:96, 32:96] if variant == "center" else x
+    assert torch.equal(y, expected)  # zero-initialised last layer: exactly the fill and the ring
+    assert not isinstance(G.decoder[-1], nn.Tanh)
+    assert torch.count_nonzero(G.last_conv().weight) == 0
+    # ...and it learns: one gradient step moves the output.
+    G.train()
+    G(x).square().mean().backward()
+    assert G.last_conv().weight.grad.abs().sum() > 0

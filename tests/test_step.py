@@ -64,7 +64,12 @@ def test_lambda_adv_zero_leaves_generator_gradient_purely_reconstruction():
     G, D = build_generator(cfg.model), build_discriminator(cfg.model)
     G0 = copy.deepcopy(G)
     images, holes = batch()
-    GanStep(G, D, cfg, torch.device("cpu"))(images, holes)
+    D0 = copy.deepcopy(D)
+    m = GanStep(G, D, cfg, torch.device("cpu"))(images, holes)
+    # Nothing depends on D: it is neither run nor updated, and says so in its metrics.
+    assert all(torch.equal(a, b) for a, b in zip(D.parameters(), D0.parameters()))
+    assert all(p.grad is None for p in D.parameters())
+    assert torch.isnan(m["d_real"]) and torch.isnan(m["loss_d"]) and m["loss_g"] == m["loss_rec"]
     fake = G0(fill_hole(images, holes))
     ref = torch.autograd.grad(reconstruction_loss(fake, images[:, :, 32:96, 32:96], center_weights(128, 4, 0.999, 10.0))[0], list(G0.parameters()))
     for p, r in zip(G.parameters(), ref):
