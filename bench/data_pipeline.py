@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ce_ray import config  # noqa: E402
 from ce_ray.prepare import prepare  # noqa: E402
-from ce_ray.samples import KEY_COLUMN  # noqa: E402
+from ce_ray.shards import KEY_COLUMN  # noqa: E402
 
 
 def make_shards(root: Path, base: pa.Table, n_shards: int, rows: int) -> str:
@@ -131,15 +131,13 @@ def peak_memory(cmd: list[str]) -> tuple[float, float, str, int]:
 def init_ray(cpus: int, object_store_mb: int, tmp: str) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["RAY_worker_niceness"] = "0"  # see the module docstring
-    import ray
-
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=object_store_mb * 2**20,
-             _temp_dir=tmp, logging_config=ray.LoggingConfig(log_level="ERROR"), log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     import logging
 
+    from ce_ray import cluster
+
+    cluster.start_local(num_cpus=cpus, dashboard=False, log_level="ERROR", log_to_driver=False,
+                        object_store_memory=object_store_mb * 2**20, _temp_dir=tmp)
+    cluster.quiet_data_context()
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 

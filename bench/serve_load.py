@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -30,18 +29,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster (shared/RAY.md §0)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster (docs/ray-notes.md, "Job submission and clusters")
 
 
 def kv(**items) -> None:
     for k, v in items.items():
         print(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def paper_checkpoint(dest: Path) -> str:
@@ -177,7 +170,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from ce_ray.photos import load_bundled
+    from ce_ray import cluster
+    from ce_ray.bundled import load_bundled
     from ce_ray.serve import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="ce_ray_bench_"))
@@ -197,13 +191,12 @@ def main() -> int:
     kv(model=args.model or "paper-size generator (untrained)", image=args.image, image_bytes=len(image), threads=args.threads,
        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/ce_ray_bench/{os.getpid()}",
-             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    cluster.start_local(num_cpus=2, dashboard=False, log_level="ERROR", _temp_dir=f"/tmp/ce_ray_bench/{os.getpid()}")
     raw = ray.remote(num_cpus=0)(Raw).remote(model, image, sorted({1, args.max_batch_size}), args.threads)
     results: dict[tuple[str, int], dict] = {}
     quiet = {"enable_access_log": False, "log_level": "ERROR"}
     try:
-        port = free_port()
+        port = cluster.free_ports(1)[0]
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)  # loopback only
         # Batching on and off as two apps side by side (one replica each, idle when not called), so
         # the two modes are measured in alternating halves under the same machine load.

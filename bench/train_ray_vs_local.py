@@ -133,8 +133,8 @@ def run(work: Path) -> None:
 
     import pyarrow.parquet as pq
 
-    import ce_ray.train as T
-    from ce_ray.local_data import shard_files
+    from ce_ray import cluster
+    from ce_ray.shards import shard_files
 
     photos = sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(base.data.shards, "train"))
     if not any(o.startswith("data.repeat=") for o in args.overrides):
@@ -142,7 +142,7 @@ def run(work: Path) -> None:
     if args.first_step_only:
         print_first_step(shards, work, args.first_step_runs)
         return
-    T.connect_ray(log_to_driver=False)  # rank 0's progress lines stay out of the key=value output
+    cluster.connect_ray(log_to_driver=False)  # rank 0's progress lines stay out of the key=value output
     local_rates, ray_rates = [], []
     for _ in range(args.rounds):
         local_rates.append(run_local(base, work))

@@ -1,6 +1,7 @@
-"""Classical inpainting baselines, on the model's batch API (PAPER.md "Results to compare against"):
-mean-pixel fill (what the paper's generator sees in the hole), OpenCV Telea and Navier-Stokes,
-scikit-image biharmonic, and the exact harmonic fill (what `mask.fill=diffusion` feeds the generator). Pure numpy/OpenCV/scikit-image; no Ray.
+"""Classical inpainting baselines on the model's batch API: mean-pixel fill (what the paper's
+generator sees in the hole), OpenCV Telea and Navier-Stokes, scikit-image biharmonic, and the exact
+harmonic fill (what `mask.fill=diffusion` feeds the generator). The paper's own comparison (Table
+1) is in docs/paper.md, "Results to compare against". Pure numpy/OpenCV/scikit-image; no Ray.
 
 `run_baseline(name, images, holes)` takes the same (B, 3, H, W) [-1, 1] tiles and (B, 1, H, W)
 holes as `step.predict` and, like it, changes only pixels inside the hole. Every baseline is given
@@ -14,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ce_ray.crops import to_uint8
 from ce_ray.errors import UserError
 from ce_ray.masks import diffusion_fill, fill_hole_np
 
@@ -42,18 +44,13 @@ SETTINGS: dict[str, str] = {
 }
 
 
-def _to_u8(chw: np.ndarray) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> contiguous (H, W, 3) uint8, the input OpenCV's inpaint accepts."""
-    return np.ascontiguousarray(np.clip((chw.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8))
-
-
 def _opencv(flag_name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     def fill(chw: np.ndarray, hole: np.ndarray) -> np.ndarray:
         import cv2  # lazy: only evaluation needs OpenCV
 
         # 8-bit in, 8-bit out: the <= 0.5/255 rounding is far below any method's error, and
         # context pixels are pasted back from the float input anyway.
-        out = cv2.inpaint(_to_u8(chw), hole.astype(np.uint8), OPENCV_RADIUS, getattr(cv2, flag_name))
+        out = cv2.inpaint(np.ascontiguousarray(to_uint8(chw)), hole.astype(np.uint8), OPENCV_RADIUS, getattr(cv2, flag_name))
         return out.transpose(2, 0, 1).astype(np.float32) * (2.0 / 255.0) - 1.0
 
     return fill

@@ -1,5 +1,6 @@
-"""The one checkpoint format: a self-describing directory read by train, tune, evaluate, inpaint
-and serve. Pure torch (MLflow is imported lazily, only to resolve models:/ and runs:/ URIs).
+"""The checkpoint format and the run folder that holds checkpoints: a self-describing directory
+read by train, tune, evaluate, inpaint and serve, in one run layout for Ray Train and --local.
+Pure torch (models:/ and runs:/ URIs are downloaded through tracking.py).
 
     <dir>/meta.json   format, step, resolved config, metrics (human-readable)
     <dir>/model.pt    {"G": state_dict, "D": state_dict}
@@ -7,7 +8,17 @@ and serve. Pure torch (MLflow is imported lazily, only to resolve models:/ and r
     <dir>/rng.pt      torch / numpy / python RNG states of the writing process
 
 Every load uses `torch.load(weights_only=True)`: a checkpoint can never execute code. A directory
-is written beside its destination and renamed into place, so a crash never leaves half of one.
+is written beside its destination and renamed into place (fsutil.write_dir), so a crash never
+leaves half of one.
+
+A run (Ray Train: under scale.storage_path; --local: under train.output_dir):
+
+    <root>/<run name>/checkpoint_step0000200/   checkpoint directories (checkpoint_dir_name)
+    <root>/<run name>/metrics.jsonl             one line per report; "checkpoint" names a saved one
+    <root>/<run name>/samples/                  eval picture grids (--local; Ray runs log them to MLflow)
+
+Runs of --local from before this layout kept their checkpoints in <run>/checkpoints/step_0000200/;
+a run folder of either layout loads (its latest checkpoint) and resumes.
 """
 
 from __future__ import annotations
@@ -15,8 +26,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +38,15 @@ import torch.nn as nn
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
-from ce_ray.fsutil import replace_dir
+from ce_ray.fsutil import exists, write_dir
 from ce_ray.model import build_discriminator, build_generator
 
 FORMAT_VERSION = 1
 META_FILE, MODEL_FILE, OPTIM_FILE, RNG_FILE = "meta.json", "model.pt", "optim.pt", "rng.pt"
+CHECKPOINT_PREFIX = "checkpoint_step"  # <run>/checkpoint_step0000200/ (Ray Train and --local)
+LEGACY_DIR, LEGACY_PREFIX = "checkpoints", "step_"  # <run>/checkpoints/step_0000200/ (older --local runs)
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
 
 
 @dataclass
@@ -81,19 +96,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_dir_atomically(dest: Path, fill) -> Path:
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        fill(tmp)
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
 def save(path: str | os.PathLike, *, G: nn.Module, D: nn.Module, step: int, config: C.Config,
          optim: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, rng: bool = True) -> Path:
     """Write a checkpoint directory at `path` (replacing any previous one). G/D may be wrapped."""
@@ -109,7 +111,7 @@ def save(path: str | os.PathLike, *, G: nn.Module, D: nn.Module, step: int, conf
                 "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    return _write_dir_atomically(Path(path), fill)
+    return write_dir(Path(path), fill)
 
 
 def _torch_load(p: Path, map_location) -> Any:
@@ -143,10 +145,49 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", with
                       optim=optim, rng=rng, metrics=meta.get("metrics", {}), path=p)
 
 
+# --- Where a run keeps its checkpoints (module docstring) ----------------------------------------
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder name of a run's checkpoint at `step`: checkpoint_step0000200."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+_STEP_RE = re.compile(rf"^(?:{CHECKPOINT_PREFIX}|{LEGACY_PREFIX})(\d+)$")
+
+
+def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of a run folder, oldest step first: <run>/checkpoint_step*/ and, from runs
+    written before that layout, <run>/checkpoints/step_*/. Empty when there are none."""
+    run_dir = Path(run_dir)
+    found: list[tuple[int, int, Path]] = []
+    for rank, folder, prefix in ((0, run_dir / LEGACY_DIR, LEGACY_PREFIX), (1, run_dir, CHECKPOINT_PREFIX)):
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(f"{prefix}*"):
+            m = _STEP_RE.match(p.name)
+            if m and p.name.startswith(prefix) and is_checkpoint(p):
+                found.append((int(m.group(1)), rank, p))  # the same step in both layouts: the current one last
+    return [p for _, _, p in sorted(found)]
+
+
+def fresh_run_name(root: str) -> str:
+    """A run name no folder under `root` (a local path or a URI) has yet: a fresh run never picks
+    up an old one's checkpoints."""
+    while True:
+        name = f"run-{secrets.token_hex(4)}"
+        if not exists(f"{root.rstrip('/')}/{name}"):
+            return name
+
+
 def find_checkpoint_dir(root: Path) -> Path | None:
-    """The checkpoint directory at or below `root` (MLflow model artifacts nest it)."""
+    """The checkpoint directory `root` names: itself, the latest checkpoint of a run folder (either
+    layout), else the first one below it (MLflow model artifacts nest it)."""
     if is_checkpoint(root):
         return root
+    in_run = run_checkpoints(root)
+    if in_run:
+        return in_run[-1]
     for meta in sorted(root.rglob(META_FILE)):
         if is_checkpoint(meta.parent):
             return meta.parent
@@ -154,16 +195,13 @@ def find_checkpoint_dir(root: Path) -> Path | None:
 
 
 def resolve(uri: str) -> Path:
-    """A local checkpoint directory for a path, `models:/name/version`, `models:/name@alias` or
-    `runs:/<run_id>/<artifact path>` URI (MLflow ones are downloaded through the tracking URI)."""
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
+    """A local checkpoint directory for a checkpoint or run folder, `models:/name/version`,
+    `models:/name@alias` or `runs:/<run_id>/<artifact path>` URI (MLflow ones are downloaded
+    through the current tracking URI: tracking.download)."""
+    from ce_ray import tracking
 
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        except Exception as e:
-            raise UserError(f"cannot fetch {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {e}. "
-                            "Check the name/version and MLFLOW_TRACKING_URI") from None
+    if tracking.is_mlflow_uri(uri):
+        local = tracking.download(uri)
     else:
         local = Path(uri).expanduser()
         if not local.exists():

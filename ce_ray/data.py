@@ -5,7 +5,7 @@ streaming Ray Data pipeline feeding any number of Ray Train workers through
 `get_dataset_shard("train")` (Train splits it with `streaming_split(world_size, equal=True)`):
 
     read_parquet(train/*.parquet, file order shuffled per epoch)   encoded JPEGs, ~6 MB a shard
-      -> map_batches(samples.train_batch)                          decode + crop + flip + hole
+      -> map_batches(crops.train_batch)                          decode + crop + flip + hole
       -> iter_torch_batches(local shuffle buffer, drop_last)       in the training worker
 
 Nothing is materialised: blocks stream through the object store under Ray Data's backpressure, so
@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from ce_ray import samples
+from ce_ray import crops
+from ce_ray.shards import IMAGE_COLUMN, KEY_COLUMN, shard_files
 from ce_ray.config import Config
 from ce_ray.errors import UserError
 
@@ -76,22 +77,22 @@ def _train_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> di
     # (each epoch re-executes the pipeline). Ray's task scheduling order is not deterministic,
     # so a fixed seed would not make training crops reproducible anyway; validation is.
     rng = np.random.default_rng()
-    out = samples.train_batch(list(batch[samples.IMAGE_COLUMN]), cfg, rng)
+    out = crops.train_batch(list(batch[IMAGE_COLUMN]), cfg, rng)
     if with_keys:
-        out["key"] = np.repeat(batch[samples.KEY_COLUMN], cfg.data.repeat)
+        out["key"] = np.repeat(batch[KEY_COLUMN], cfg.data.repeat)
     return out
 
 
 def _val_map(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
     """map_batches body: each val photo -> all its tiles, holes seeded by (key, tile)."""
-    parts = [samples.val_samples(data, key, cfg) for key, data in zip(batch[samples.KEY_COLUMN], batch[samples.IMAGE_COLUMN])]
+    parts = [crops.val_samples(data, key, cfg) for key, data in zip(batch[KEY_COLUMN], batch[IMAGE_COLUMN])]
     s = cfg.data.fine_size
     if not parts:
         return {"image": np.zeros((0, 3, s, s), np.float32), "hole": np.zeros((0, 1, s, s), np.float32), "key": np.zeros((0,), object)}
     return {
         "image": np.concatenate([p["image"] for p in parts]),
         "hole": np.concatenate([p["hole"] for p in parts]),
-        "key": np.concatenate([np.repeat(np.array([k], dtype=object), len(p["image"])) for k, p in zip(batch[samples.KEY_COLUMN], parts)]),
+        "key": np.concatenate([np.repeat(np.array([k], dtype=object), len(p["image"])) for k, p in zip(batch[KEY_COLUMN], parts)]),
     }
 
 
@@ -108,10 +109,8 @@ def build_train_dataset(cfg: Config, *, with_keys: bool = False, cpus_per_task: 
     carries the same cap: Train replaces each dataset's execution options."""
     import ray.data
 
-    from ce_ray.local_data import shard_files  # driver side only: local_data imports torch
-
     files = shard_files(cfg.data.shards, "train")
-    cols = [samples.KEY_COLUMN, samples.IMAGE_COLUMN] if with_keys else [samples.IMAGE_COLUMN]
+    cols = [KEY_COLUMN, IMAGE_COLUMN] if with_keys else [IMAGE_COLUMN]
     # shuffle="files": a new random file order per execution, i.e. per epoch.
     ds = _read_parquet(files, num_cpus=cpus_per_task, shuffle="files").select_columns(cols)
     limits = ds.context.execution_options.resource_limits
@@ -127,10 +126,8 @@ def build_val_dataset(cfg: Config, *, with_keys: bool = False) -> "ray.data.Data
     this dataset's preserve_order (it replaces each dataset's execution options)."""
     import ray.data
 
-    from ce_ray.local_data import shard_files
-
     files = shard_files(cfg.data.shards, "val")
-    ds = _read_parquet(files).select_columns([samples.KEY_COLUMN, samples.IMAGE_COLUMN])
+    ds = _read_parquet(files).select_columns([KEY_COLUMN, IMAGE_COLUMN])
     # Order matters for the cap below: without it, which photos make the first val_images rows
     # would depend on task timing.
     ds.context.execution_options.preserve_order = True

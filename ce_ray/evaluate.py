@@ -9,7 +9,7 @@ Protocol (deterministic: the same input gives a byte-identical report.json):
   photo goes through prepare's own ingest (EXIF rotation, RGB, shorter side -> 350, the shards'
   JPEG encoding), so a folder scores exactly as its prepared shards would; files that are not
   usable photos are listed under "skipped", never fatal.
-- Every photo: non-overlapping 128x128 tiles, row-major (samples.tiles); hole per tile: the
+- Every photo: non-overlapping 128x128 tiles, row-major (crops.tiles); hole per tile: the
   centre hole with the model's overlap (as in training), or a random block / region seeded by
   (photo key, tile index). The first `max_tiles` tiles in key order are scored.
 - Metrics over the hole in [0, 1]: mean L1, mean L2 and PSNR per tile, averaged over tiles
@@ -18,7 +18,6 @@ Protocol (deterministic: the same input gives a byte-identical report.json):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -31,12 +30,14 @@ import numpy as np
 import torch
 
 from ce_ray import baselines as B
-from ce_ray import samples
+from ce_ray import crops
 from ce_ray.config import FINE_SIZE, LOAD_SIZE, Config, DataConfig, MaskConfig
 from ce_ray.errors import UserError
+from ce_ray.fsutil import is_uri, local_path, write_atomic
+from ce_ray.grids import grid, save_png
 from ce_ray.masks import fill_hole
 from ce_ray.metrics import hole_errors
-from ce_ray.pictures import grid, save_png
+from ce_ray.shards import IMAGE_COLUMN, has_manifest
 
 REPORT_FORMAT = "ce-ray-eval/1"
 MODEL = "model"  # method name of the evaluated checkpoint
@@ -83,16 +84,10 @@ class Tiles:
 
 def is_shards(data: str) -> bool:
     """A folder written by `ce-ray prepare` (its manifest.json, or a val/ folder of Parquet files)."""
-    if "://" in data and not data.startswith("file://"):
-        import fsspec
-
-        try:
-            fs, root = fsspec.core.url_to_fs(data)
-            return fs.isfile(root.rstrip("/") + "/manifest.json")
-        except Exception:  # not a reachable prefix: let prepare.discover report it
-            return False
-    p = Path(data[len("file://"):] if data.startswith("file://") else data)
-    return (p / "manifest.json").is_file() or (p / "val").is_dir() and any((p / "val").glob("*.parquet"))
+    if is_uri(data):
+        return has_manifest(data)  # False for an unreachable prefix: prepare.discover reports it
+    p = Path(local_path(data))
+    return has_manifest(str(p)) or (p / "val").is_dir() and any((p / "val").glob("*.parquet"))
 
 
 def _tile_index(keys: list[str]) -> list[int]:
@@ -127,7 +122,7 @@ def load_tiles(data: str, mask: MaskConfig, *, max_tiles: int = DEFAULT_MAX_TILE
         if row["reason"] is not None:
             skipped.append({"path": row["source"], "reason": row["reason"]})
             continue
-        v = samples.val_samples(row[samples.IMAGE_COLUMN], f.key, cfg)  # tiles + holes seeded by (key, tile)
+        v = crops.val_samples(row[IMAGE_COLUMN], f.key, cfg)  # tiles + holes seeded by (key, tile)
         take = min(len(v["image"]), max_tiles - n)
         images.append(v["image"][:take])
         holes.append(v["hole"][:take])
@@ -230,12 +225,14 @@ def evaluate(model_uri: str | None, data: str, *, out_dir: str | os.PathLike = D
     _check_args(mask_kind, max_tiles, sample_tiles, methods)
     loaded = None
     if model_uri is not None and model_uri.lower() != "none":
+        from ce_ray import tracking
         from ce_ray.checkpoint import load_generator
         from ce_ray.step import resolve_device
 
         dev = resolve_device(device)
-        if model_uri.startswith(("models:/", "runs:/")):
-            with _mlflow_store(mlflow_tracking_uri):  # the store the trainer registered it in
+        if tracking.is_mlflow_uri(model_uri):
+            # The store the trainer registered it in, for this block only (tracking.using).
+            with tracking.using(tracking.resolve_uri(mlflow_tracking_uri)):
                 loaded = load_generator(model_uri, dev)
         else:
             loaded = load_generator(model_uri, dev)
@@ -275,8 +272,8 @@ def evaluate(model_uri: str | None, data: str, *, out_dir: str | os.PathLike = D
     out.mkdir(parents=True, exist_ok=True)
     pictures = _write_grids(out, tiles, sample, {m: np.concatenate(v) for m, v in shown.items()})
     report = _report(data, tiles, mask, max_tiles, loaded, per_tile, pictures, sample)
-    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_text(out / "report.md", to_markdown(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.md", to_markdown(report))
     log(f"wrote {out / 'report.md'}")
     if mlflow_run_id:
         files = ["report.json", "report.md", *pictures.values()]
@@ -293,13 +290,6 @@ def label(method: str, report: dict[str, Any] | None = None) -> str:
         step = (report or {}).get("model", {}) or {}
         return f"Context Encoder (this model, step {step['step']})" if "step" in step else "Context Encoder (this model)"
     return B.LABELS[method]
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Temp file + rename: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_grids(out: Path, tiles: Tiles, sample: list[int], shown: dict[str, np.ndarray]) -> dict[str, str]:
@@ -354,9 +344,9 @@ def _report(data: str, tiles: Tiles, mask: MaskConfig, max_tiles: int, loaded, p
         "protocol": {
             "load_size": LOAD_SIZE if loaded is None else loaded.config.data.load_size,
             "tile": tiles.images.shape[-1],
-            "tiling": "non-overlapping, row-major from the top-left of each photo (samples.tiles)",
+            "tiling": "non-overlapping, row-major from the top-left of each photo (crops.tiles)",
             "mask": dataclasses.asdict(mask),
-            "hole_seed": "samples.stable_seed(photo key, tile index)" if mask.kind != "center" else None,
+            "hole_seed": "crops.stable_seed(photo key, tile index)" if mask.kind != "center" else None,
             "hole_fraction": float(tiles.holes.mean()),
             "metrics": "over hole pixels in [0, 1]: mean L1, mean L2 (fractions; x100 for %), PSNR in dB "
                        "(peak 1, per tile, averaged over tiles; a perfect fill caps at 100 dB)",
@@ -447,50 +437,16 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(md) + "\n"
 
 
-def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """`explicit`, else the trainer's default store (tracking.tracking_uri: $MLFLOW_TRACKING_URI,
-    else SQLite under outputs/), so `--mlflow-run-id` finds runs that `ce-ray train` made."""
-    if explicit:
-        return explicit
-    from ce_ray.tracking import tracking_uri
-
-    return tracking_uri(Config())
-
-
-@contextlib.contextmanager
-def _mlflow_store(explicit: str | None):
-    """MLflow pointed at our store for the block only. tracking.using, not mlflow.set_tracking_uri:
-    that one also exports MLFLOW_TRACKING_URI for the rest of the process (and its children), so
-    "putting back" the old URI would pin every later run to whatever store was current."""
-    from ce_ray.tracking import using
-
-    with using(resolve_tracking_uri(explicit)):
-        yield
-
-
 def log_to_mlflow(run_id: str, report: dict[str, Any], files: Sequence[Path], tracking_uri: str | None = None) -> None:
     """eval_<method>_<metric> metrics (at the model's training step, 0 without a model) and the
-    report files under the run's "evaluation/" artifacts. Goes through a client bound to
-    `tracking_uri` (default: `resolve_tracking_uri()`), so it neither changes the process-wide
-    tracking URI nor reopens a finished run."""
-    import time
+    report files under the run's "evaluation/" artifacts, in the store `tracking_uri` (default:
+    the trainer's, tracking.resolve_uri), without reopening a finished run (tracking.log_to_run)."""
+    from ce_ray import tracking
 
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     step = (report["model"] or {}).get("step", 0)
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"eval_{m}_{k}", float(v), now, step) for m, r in report["methods"].items() for k, v in r.items() if k in METRICS]
-    try:
-        client.get_run(run_id)  # a clear error for a wrong id before anything is written
-        client.log_batch(run_id, metrics=metrics)
-        for f in files:
-            client.log_artifact(run_id, str(f), artifact_path="evaluation")
-    except MlflowException as e:
-        raise UserError(f"cannot log to MLflow run {run_id!r} at {client.tracking_uri}: {e}. "
-                        "Check --mlflow-run-id and --mlflow-tracking-uri / MLFLOW_TRACKING_URI") from None
+    metrics = {f"eval_{m}_{k}": float(v) for m, r in report["methods"].items() for k, v in r.items() if k in METRICS}
+    tracking.log_to_run(run_id, metrics, step=step, files=files, artifact_path="evaluation", tracking_uri=tracking_uri,
+                        hint="Check --mlflow-run-id and --mlflow-tracking-uri / MLFLOW_TRACKING_URI")
 
 
 # --- CLI glue (cli.py owns the parser and calls these) -------------------------------------------

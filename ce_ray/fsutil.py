@@ -1,25 +1,64 @@
-"""Filesystem steps shared by everything that writes a file or folder users read (shards,
-checkpoints, reports, the photo corpus)."""
+"""Paths and atomic writes: local path vs URI, and the one way to write a file or a folder that
+users (or another process) read: shards, checkpoints, reports, ledgers, the photo corpus.
+
+Paths: a *URI* is anything with a scheme other than file:// (s3://, gs://, ...); file:// URIs and
+plain paths are local. Writes: a file or folder is written beside its destination under a hidden
+temporary name and renamed into place, so a reader (or a killed run) never sees half of one.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
+from typing import Any, Callable
+
+FILE_SCHEME = "file://"
 
 
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move the finished folder `tmp` to `dest` (same filesystem), replacing any folder there:
-    the old one is renamed aside to `.<name>.old-<id>` first and removed after, so `dest` is
-    never half-written and never missing for longer than one rename."""
-    if dest.exists():
-        trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, trash)
-        os.rename(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
+# --- Local path or URI ---------------------------------------------------------------------------
+
+
+def is_uri(path: str) -> bool:
+    """A remote location (s3://, gs://, ...): not a plain path and not a file:// URI."""
+    return "://" in path and not path.startswith(FILE_SCHEME)
+
+
+def local_path(path: str) -> str:
+    """A local path without its file:// scheme (other strings unchanged)."""
+    return path[len(FILE_SCHEME):] if path.startswith(FILE_SCHEME) else path
+
+
+def absolute(path: str) -> str:
+    """An absolute local path (Ray workers and data tasks run in another working directory);
+    URIs as they are."""
+    if is_uri(path):
+        return path
+    return str(Path(local_path(path)).expanduser().resolve())
+
+
+def fs_and_path(path: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URI; (None, local path) otherwise."""
+    if is_uri(path):
+        import fsspec  # lazy: only remote paths need it
+
+        return fsspec.core.url_to_fs(path)
+    return None, local_path(path)
+
+
+def exists(path: str) -> bool:
+    """Whether a local path or a URI (through pyarrow's filesystems) exists."""
+    if not is_uri(path):
+        return os.path.exists(local_path(path))
+    import pyarrow.fs
+
+    fs, p = pyarrow.fs.FileSystem.from_uri(path)
+    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+
+
+# --- Atomic writes -------------------------------------------------------------------------------
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -35,3 +74,37 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished folder `tmp` to `dest` (same filesystem), replacing any folder there:
+    the old one is renamed aside to `.<name>.old-<id>` first and removed after, so `dest` is
+    never half-written and never missing for longer than one rename."""
+    if dest.exists():
+        trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, trash)
+        os.rename(tmp, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+def write_dir(dest: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Build the folder `dest` atomically: `fill(tmp)` writes into a fresh temp folder beside it,
+    which then replaces `dest` (replace_dir); on any error the temp folder is removed and `dest`
+    is left as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        fill(tmp)
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def copy_dir(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy the folder `src` to `dest` atomically (write_dir), replacing any folder there."""
+    return write_dir(dest, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))

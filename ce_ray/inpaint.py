@@ -50,9 +50,9 @@ from scipy import ndimage
 
 from ce_ray.checkpoint import LoadedGenerator
 from ce_ray.config import Config
-from ce_ray.errors import UserError
-from ce_ray.masks import center_box
-from ce_ray.samples import to_uint8, to_unit
+from ce_ray.errors import InpaintError, UserError
+from ce_ray.masks import center_box, hole_from_image
+from ce_ray.crops import to_uint8, to_unit
 from ce_ray.step import predict
 
 MAX_DOWNSCALE = 2.0  # a hole may be filled at up to 2x coarser than the training scale in one window
@@ -62,14 +62,6 @@ MIN_SIDE = 16  # px; smaller images have no usable context
 MERGE_GAP = 8  # model px: hole specks closer than this share one window
 FORWARD_CHUNK = 32  # windows per generator forward (bounds memory when many requests batch)
 FULL_CELL = 56  # model px: the cell a full-image model fills per window (same as the centre interior)
-
-
-class InpaintError(UserError):
-    """A bad input, with a stable `code` an API can return (e.g. "mask_size_mismatch")."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 # --- Decoding user files -------------------------------------------------------------------------
@@ -102,16 +94,6 @@ def read_image(data: bytes, max_pixels: int | None = None, what: str = "image") 
 def image_rgb(im: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8; transparency is dropped (the model sees colour only)."""
     return np.asarray(im.convert("RGB"))
-
-
-def mask_hole(im: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A mask image -> (H, W) bool hole: white = hole. Transparent pixels are not hole (a mask
-    painted white on a transparent layer works). `size`: the image's (H, W), which it must match."""
-    if size is not None and (im.height, im.width) != tuple(size):
-        raise InpaintError("mask_size_mismatch", f"the mask is {im.width}x{im.height} but the image is {size[1]}x{size[0]}; send a mask of the same size")
-    rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)
-    value = rgba[..., :3].max(axis=-1) * rgba[..., 3] // 255  # composited over black
-    return value > 127
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -386,7 +368,7 @@ def inpaint_file(model_uri: str, image_path: str | Path, mask_path: str | Path |
                  device: str = "cpu") -> Path:
     """`ce-ray inpaint`: read an image (and a mask, white = hole), inpaint, write a PNG."""
     from ce_ray.checkpoint import load_generator
-    from ce_ray.pictures import save_png
+    from ce_ray.grids import save_png
     from ce_ray.step import resolve_device
 
     def read(path, what):
@@ -396,7 +378,7 @@ def inpaint_file(model_uri: str, image_path: str | Path, mask_path: str | Path |
         return read_image(p.read_bytes(), what=what)
 
     rgb = image_rgb(read(image_path, "image"))
-    hole = mask_hole(read(mask_path, "mask"), rgb.shape[:2]) if mask_path else None
+    hole = hole_from_image(read(mask_path, "mask"), rgb.shape[:2]) if mask_path else None
     loaded = load_generator(model_uri, resolve_device(device))
     return save_png(inpaint_image(loaded, rgb, hole), out_path)
 

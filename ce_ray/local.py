@@ -1,18 +1,18 @@
-"""The no-Ray runner: the same per-worker loop (loop.py) in one process, world size 1. For
-debugging, for hosts without Ray (GPU benchmarks), and for quick CPU runs.
+"""The no-Ray runner (`ce-ray train --local`): the same per-worker loop (loop.py) in one process,
+world size 1. For debugging, for hosts without Ray (GPU benchmarks), and for quick CPU runs.
 
-Layout of a run: <train.output_dir>/<run name>/
-    checkpoints/step_0000200/   checkpoint directories (checkpoint.py), newest `scale.checkpoints_to_keep` kept
-    samples/*.png               eval picture grids (masked input | output | truth)
-    metrics.jsonl               one line per report
+A run keeps Ray Train's layout (checkpoint.py), under train.output_dir instead of
+scale.storage_path: <train.output_dir>/<run name>/
+    checkpoint_step0000200/   checkpoint directories, newest `scale.checkpoints_to_keep` kept
+    metrics.jsonl             one line per report ("checkpoint" names a saved one)
+    samples/*.png             eval picture grids (masked input | output | truth)
+A run folder from before that layout (checkpoints/step_0000200/) resumes too.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +20,13 @@ from pathlib import Path
 from ce_ray import checkpoint as ckpt_io
 from ce_ray.config import Config
 from ce_ray.errors import UserError
+from ce_ray.fsutil import copy_dir
 from ce_ray.loop import WorkerEnv, run
 from ce_ray.step import resolve_device
 
 
-def fresh_run_name() -> str:
-    return f"run-{secrets.token_hex(4)}"
-
-
 class FolderTracker:
-    """Keeps artifacts in the run folder (the local stand-in for MLflow)."""
+    """loop.Tracker for --local: artifacts go into the run folder (the local stand-in for MLflow)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -43,11 +40,6 @@ class FolderTracker:
         shutil.copyfile(path, dest)
 
 
-def checkpoints_in(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if ckpt_io.is_checkpoint(p)) if root.is_dir() else []
-
-
 @dataclass
 class LocalResult:
     run_dir: Path
@@ -59,9 +51,10 @@ def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = Fals
     from ce_ray.local_data import LocalTrainStream, load_val  # pyarrow readers, no Ray
 
     log = log or functools.partial(print, flush=True)
-    name = run_name or cfg.scale.run_name or fresh_run_name()
-    run_dir = Path(cfg.train.output_dir).resolve() / name
-    existing = checkpoints_in(run_dir)
+    root = Path(cfg.train.output_dir).resolve()
+    name = run_name or cfg.scale.run_name or ckpt_io.fresh_run_name(str(root))
+    run_dir = root / name
+    existing = ckpt_io.run_checkpoints(run_dir)
     if existing and not resume:
         raise UserError(f"run {name!r} already has checkpoints in {run_dir}; pass --resume to continue it or choose a new run name")
     restore = ckpt_io.load(existing[-1]) if (existing and resume) else None
@@ -73,19 +66,16 @@ def train_local(cfg: Config, *, run_name: str | None = None, resume: bool = Fals
     state: dict = {"checkpoint": existing[-1] if existing else None, "metrics": {}}
 
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        state["metrics"] = metrics
+        record = dict(metrics)
         if ckpt_dir is not None:
-            dest = run_dir / "checkpoints" / f"step_{int(metrics['step']):07d}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(ckpt_dir, dest.with_name(dest.name + ".tmp"), dirs_exist_ok=True)
-            os.replace(dest.with_name(dest.name + ".tmp"), dest)
+            dest = copy_dir(ckpt_dir, run_dir / ckpt_io.checkpoint_dir_name(int(metrics["step"])))
             state["checkpoint"] = dest
-            for old in checkpoints_in(run_dir)[: -cfg.scale.checkpoints_to_keep]:
+            record["checkpoint"] = dest.name  # as Ray Train's metrics.jsonl names it
+            for old in ckpt_io.run_checkpoints(run_dir)[: -cfg.scale.checkpoints_to_keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        with open(run_dir / ckpt_io.METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        state["metrics"] = metrics
 
     env = WorkerEnv(train_batches=stream.epoch, val_data=lambda: load_val(cfg), report=report, restore=restore,
                     device=device, tracker=tracker or FolderTracker(run_dir), log=log)

@@ -1,8 +1,8 @@
-"""Train / val batches from the Parquet shards without Ray: pyarrow + samples.py + a torch DataLoader.
+"""Train / val batches from the Parquet shards without Ray: pyarrow + crops.py + a torch DataLoader.
 
 The no-Ray twin of data.py, for the local trainer, hosts without Ray, and the "plain torch Dataset +
-DataLoader" baseline of bench/data_pipeline.py. The same sample functions (samples.train_batch,
-samples.val_samples) cut the crops, so both paths train on the same distribution and validate on
+DataLoader" baseline of bench/data_pipeline.py. The same crop functions (crops.train_batch,
+crops.val_samples) cut the crops, so both paths train on the same distribution and validate on
 exactly the same crops and holes.
 
 Shuffling per epoch (like data.py): the train files are put in a random order seeded by
@@ -23,47 +23,17 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ce_ray import samples
+from ce_ray import crops
 from ce_ray.config import Config
 from ce_ray.errors import UserError
+from ce_ray.fsutil import fs_and_path
+from ce_ray.shards import IMAGE_COLUMN, KEY_COLUMN, shard_files
 
-DECODE_CHUNK = 16  # photos decoded per samples.train_batch call
-
-
-def _fs_and_path(path: str):
-    """(filesystem or None, path) for pyarrow: fsspec for URIs (s3://, gs://), None for local."""
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs, p
-    return None, path[len("file://") :] if path.startswith("file://") else path
-
-
-def shard_files(shards: str, split: str) -> list[str]:
-    """Sorted Parquet files of one split of a prepared folder (local path or URI), or a UserError
-    that says how to create them."""
-    fs, root = _fs_and_path(shards.rstrip("/") + "/" + split)
-    how = f"run `ce-ray prepare SRC --out {shards}` first, or set data.shards to a folder written by `ce-ray prepare`"
-    if fs is None:
-        import glob
-        import os
-
-        if not os.path.isdir(root):
-            raise UserError(f"no {split} shards: {root} does not exist; {how}")
-        files = sorted(glob.glob(os.path.join(glob.escape(root), "*.parquet")))
-    else:
-        if not fs.isdir(root):
-            raise UserError(f"no {split} shards: {shards}/{split} does not exist; {how}")
-        files = sorted(fs.unstrip_protocol(f) for f in fs.glob(root.rstrip("/") + "/*.parquet"))
-    if not files:
-        extra = " (prepare put no photo in this split: re-run it with a larger --val-fraction)" if split == "val" else ""
-        raise UserError(f"no {split} shards: {shards}/{split} holds no .parquet files{extra}; {how}")
-    return files
+DECODE_CHUNK = 16  # photos decoded per crops.train_batch call
 
 
 def _parquet(path: str) -> pq.ParquetFile:
-    fs, p = _fs_and_path(path)
+    fs, p = fs_and_path(path)
     return pq.ParquetFile(fs.open(p, "rb") if fs is not None else p)
 
 
@@ -145,7 +115,7 @@ class LocalTrainStream:
         out = []
         for w in range(self.workers):
             for s in self._plan(epoch, w, self.workers):
-                out += _read_rows(s.path, s.start, s.stop, [samples.KEY_COLUMN]).column(0).to_pylist()
+                out += _read_rows(s.path, s.start, s.stop, [KEY_COLUMN]).column(0).to_pylist()
         return out
 
     def _crops(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -161,10 +131,10 @@ class LocalTrainStream:
                 yield buf.pop()
 
         for s in self._plan(epoch, worker, num_workers):
-            table = _read_rows(s.path, s.start, s.stop, [samples.KEY_COLUMN, samples.IMAGE_COLUMN])
+            table = _read_rows(s.path, s.start, s.stop, [KEY_COLUMN, IMAGE_COLUMN])
             keys, data = table.column(0).to_pylist(), table.column(1).to_pylist()
             for c in range(0, len(data), DECODE_CHUNK):
-                out = samples.train_batch(data[c : c + DECODE_CHUNK], self.cfg, rng)
+                out = crops.train_batch(data[c : c + DECODE_CHUNK], self.cfg, rng)
                 ks = np.repeat(keys[c : c + DECODE_CHUNK], d.repeat)  # train_batch: repeat crops per photo, in order
                 buf += zip(ks, out["image"], out["hole"])
                 yield from drain(d.shuffle_buffer)
@@ -192,9 +162,9 @@ def val_arrays(cfg: Config) -> tuple[np.ndarray, np.ndarray, list[str]]:
     holes (N,1,S,S), key of each tile)."""
     images, holes, keys, n = [], [], [], 0
     for path in shard_files(cfg.data.shards, "val"):
-        for batch in _parquet(path).iter_batches(batch_size=16, columns=[samples.KEY_COLUMN, samples.IMAGE_COLUMN]):
+        for batch in _parquet(path).iter_batches(batch_size=16, columns=[KEY_COLUMN, IMAGE_COLUMN]):
             for key, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                v = samples.val_samples(data, key, cfg)
+                v = crops.val_samples(data, key, cfg)
                 take = min(len(v["image"]), cfg.data.val_images - n)
                 images.append(v["image"][:take])
                 holes.append(v["hole"][:take])

@@ -1,10 +1,11 @@
 """The per-worker training loop, shared by Ray Train (train.py) and the no-Ray local runner
 (local.py): build models -> resume -> GAN steps -> log / validate / checkpoint -> report.
-Pure torch; what differs between the runners (rank, DDP wrapping, data, reporting) comes in a
-`WorkerEnv`.
+Pure torch; what differs between the runners (rank, DDP wrapping, data, reporting, tracking) comes
+in a `WorkerEnv`.
 
-Rank rules: every rank calls `env.report` at the same steps (Ray's report is a barrier); only
-rank 0 validates, writes picture grids and checkpoints, and talks to the tracker.
+Rank rules: every rank calls `env.report` at the same steps (Ray Train's report is a barrier:
+docs/ray-notes.md, "Train V2 reports"); only rank 0 validates, writes picture grids and
+checkpoints, logs, and talks to the tracker.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -27,14 +29,22 @@ from ce_ray.config import Config
 from ce_ray.errors import UserError
 from ce_ray.metrics import hole_errors, summarize
 from ce_ray.model import build_discriminator, build_generator
-from ce_ray.pictures import inpainting_grid, save_png
+from ce_ray.grids import inpainting_grid, save_png
 from ce_ray.step import GanStep, lr_factor, predict, resolve_device, unwrap
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, S, S) in [-1, 1], holes (B, 1, S, S)
 
 
+class Tracker(Protocol):
+    """Where rank 0's metrics and picture grids go: MLflow (tracking.MlflowTracker), the run
+    folder (local.FolderTracker) or nowhere (NullTracker)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
 class NullTracker:
-    """Tracker interface (MLflow in tracking.py); every method is a no-op here."""
+    """A Tracker that drops everything (ranks other than 0, MLflow off)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
@@ -43,14 +53,16 @@ class NullTracker:
 @dataclass
 class WorkerEnv:
     train_batches: Callable[[int], Iterable[Batch]]  # epoch -> this worker's batches
-    val_data: Callable[[], Batch | None]  # deterministic val set (rank 0 only calls it)
+    # The deterministic val set, or a Future of it (read in the background: train.py), waited on
+    # at the first evaluation; only rank 0 calls it.
+    val_data: Callable[[], Batch | Future | None]
     report: Callable[[dict[str, float], Path | None], None]  # every rank; a checkpoint dir from rank 0
     restore: ckpt_io.Checkpoint | None = None
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP under Ray Train
-    tracker: object = field(default_factory=NullTracker)
+    tracker: Tracker = field(default_factory=NullTracker)
     log: Callable[[str], None] = functools.partial(print, flush=True)  # progress shows up in logs promptly
 
 
@@ -159,12 +171,14 @@ def run(cfg: Config, env: WorkerEnv) -> dict[str, float]:
         tmp = None
         if env.rank == 0:
             if do_eval and val is not None:
+                if isinstance(val, Future):
+                    val = val.result()
                 vm, outputs = validate(unwrap(G), val, cfg, device)
                 metrics.update(vm)
                 tmp = Path(tempfile.mkdtemp(prefix="ce_ray_step_"))
                 n = outputs.shape[0]
                 png = save_png(inpainting_grid(val[0][:n], val[1][:n], outputs), tmp / f"samples_step{step:07d}.png")
-                env.tracker.log_artifact(png, "samples")
+                env.tracker.log_artifact(png, ckpt_io.SAMPLES_DIR)
             env.tracker.log_metrics(metrics, step)
             env.log(progress_line(step, t.steps, metrics))
         ckpt_dir = None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ce_ray.errors import UserError
+from ce_ray.errors import InpaintError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -238,18 +238,31 @@ def random_region_hole(size: int, rng: np.random.Generator, region_min: float = 
     return field < np.quantile(field, (region_min + region_max) / 2)
 
 
-def hole_from_image(mask: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A user mask image (white = hole) as a bool hole. `mask`: (H, W) or (H, W, C) array;
-    `size`: the (H, W) it must match, if given."""
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[..., :3].max(axis=-1) if m.shape[-1] >= 3 else m[..., 0]
-    if m.ndim != 2:
-        raise UserError(f"mask must be a 2-D image, got shape {tuple(np.asarray(mask).shape)}")
-    if size is not None and tuple(m.shape) != tuple(size):
-        raise UserError(f"mask is {m.shape[1]}x{m.shape[0]} but the image is {size[1]}x{size[0]}; send a mask of the same size")
-    thresh = 127 if m.dtype == np.uint8 or m.max() > 1 else 0.5
-    return m > thresh
+def hole_from_image(mask, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A user's mask image as an (H, W) bool hole: white = hole. Alpha counts: a pixel's colour is
+    composited over black, so transparent pixels are not hole and a mask painted white on a
+    transparent layer works. `mask`: a PIL image (any mode), or an (H, W), (H, W, 2) grey + alpha,
+    (H, W, 3) or (H, W, 4) array, uint8 or floats in [0, 1]; `size`: the image's (H, W), which it
+    must match (InpaintError "mask_size_mismatch" otherwise)."""
+
+    m = np.asarray(mask.convert("RGBA")) if hasattr(mask, "convert") else np.asarray(mask)
+    if m.ndim == 3 and m.shape[-1] in (1, 2, 3, 4):
+        colour = m[..., :3].max(axis=-1) if m.shape[-1] >= 3 else m[..., 0]
+        alpha = m[..., 3] if m.shape[-1] == 4 else m[..., 1] if m.shape[-1] == 2 else None
+    elif m.ndim == 2:
+        colour, alpha = m, None
+    else:
+        raise InpaintError("bad_mask", f"mask must be a 2-D image (grey, grey + alpha, RGB or RGBA), got shape {tuple(m.shape)}")
+    if size is not None and tuple(colour.shape) != tuple(size):
+        raise InpaintError("mask_size_mismatch", f"the mask is {colour.shape[1]}x{colour.shape[0]} but the image is "
+                                                 f"{size[1]}x{size[0]}; send a mask of the same size")
+    unit = m.dtype != np.uint8 and m.size > 0 and m.max() <= 1  # floats (or bools) in [0, 1], else 0-255
+    if alpha is None:
+        return colour > (0.5 if unit else 127)
+    if unit:
+        return colour.astype(np.float64) * alpha > 0.5
+    # Integer compositing, as 8-bit images are: (colour * alpha) // 255 above mid-grey.
+    return (colour.astype(np.uint32) * alpha.astype(np.uint32)) // 255 > 127
 
 
 def make_hole(kind: str, size: int, rng: np.random.Generator, *, overlap: int = 4, max_coverage: float = 0.25,

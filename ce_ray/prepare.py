@@ -5,8 +5,10 @@ RGB, EXIF-rotated, resized so its shorter side is train.lua's loadSize (350) and
 training never decodes a full-resolution photo. Output layout:
 
     OUT/train/part-00000.parquet ...   columns: key, image_bytes, source, width, height
-    OUT/val/part-00000.parquet ...     (rows sorted by key; the split is samples.split_of(key))
+    OUT/val/part-00000.parquet ...     (rows sorted by key; the split is shards.split_of(key))
     OUT/manifest.json                  counts, every skipped file with its reason, options
+
+(the format itself, and its readers' helpers, are shards.py)
 
 Every input file is either ingested or listed in `skipped` with a reason; nothing a file contains
 can crash the run. The per-file work is one pure function (`ingest_file`) that runs either on Ray
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import glob as globlib
 import io
-import json
 import logging
 import os
 import posixpath
@@ -38,10 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ce_ray import samples
+from ce_ray import shards
 from ce_ray.config import FINE_SIZE, LOAD_SIZE
+from ce_ray.crops import resize_shorter
 from ce_ray.errors import UserError
-from ce_ray.fsutil import replace_dir
+from ce_ray.fsutil import is_uri, local_path, replace_dir
+from ce_ray.shards import IMAGE_COLUMN, KEY_COLUMN, SHARD_SCHEMA
 
 # Pillow's own default limit (~89.5 MP, e.g. 9459x9459). Larger photos are rejected as possible
 # decompression bombs unless the user raises --max-pixels.
@@ -53,18 +56,8 @@ DEFAULT_MAX_PIXELS = 89_478_485
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = 0  # 4:4:4
 FILES_PER_TASK = 8  # ray engine: files per map_batches call (a task decodes a few MB at a time)
-SHARD_SCHEMA = pa.schema(
-    [
-        (samples.KEY_COLUMN, pa.string()),
-        (samples.IMAGE_COLUMN, pa.binary()),
-        ("source", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-    ]
-)
 # What a map task returns per input file: a shard row, or a skip (image_bytes null, reason set).
 _RESULT_SCHEMA = SHARD_SCHEMA.append(pa.field("reason", pa.string()))
-MANIFEST_FORMAT = "ce-ray-shards/1"
 _GLOB_CHARS = set("*?[")
 MAX_LISTED_VAL_KEYS = 10_000  # manifest.json names the val photos up to this many
 
@@ -173,33 +166,33 @@ def ingest_bytes(data: bytes, opts: Options) -> tuple[bytes, int, int]:
         except Exception as e:
             raise Skip(f"cannot convert to RGB: {type(e).__name__}: {e}") from None
     if not opts.keep_original:
-        rgb = samples.resize_shorter(rgb, opts.load_size)
+        rgb = resize_shorter(rgb, opts.load_size)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
     return buf.getvalue(), rgb.shape[1], rgb.shape[0]
 
 
 def _read(path: str) -> bytes:
-    if "://" in path:
+    if is_uri(path):
         import fsspec  # lazy: only remote sources need it
 
         with fsspec.open(path, "rb") as f:
             return f.read()
-    with open(path, "rb") as f:
+    with open(local_path(path), "rb") as f:
         return f.read()
 
 
 def ingest_file(src: SourceFile, opts: Options) -> dict[str, Any]:
     """One input file -> a result row (schema _RESULT_SCHEMA): a shard row, or image_bytes None
     and the reason it was skipped. Never raises for anything the file contains."""
-    row: dict[str, Any] = {samples.KEY_COLUMN: src.key, samples.IMAGE_COLUMN: None, "source": src.path, "width": None, "height": None, "reason": None}
+    row: dict[str, Any] = {KEY_COLUMN: src.key, IMAGE_COLUMN: None, "source": src.path, "width": None, "height": None, "reason": None}
     try:
         data = _read(src.path)
     except OSError as e:
         row["reason"] = f"cannot read: {e.strerror or e}"
         return row
     try:
-        row[samples.IMAGE_COLUMN], row["width"], row["height"] = ingest_bytes(data, opts)
+        row[IMAGE_COLUMN], row["width"], row["height"] = ingest_bytes(data, opts)
     except Skip as e:
         row["reason"] = str(e)
     except MemoryError:
@@ -216,14 +209,6 @@ def _ingest_batch(batch: pa.Table, opts: Options) -> pa.Table:
 
 
 # --- Finding the input files ---------------------------------------------------------------------
-
-
-def _is_uri(s: str) -> bool:
-    return "://" in s and not s.startswith("file://")
-
-
-def _strip_file_scheme(s: str) -> str:
-    return s[len("file://") :] if s.startswith("file://") else s
 
 
 def _glob_root(pattern: str) -> str:
@@ -271,13 +256,13 @@ def discover(src: str, exclude: Iterable[str] = (), corpus_dir: str | os.PathLik
     SRC "bundled": the photos inside installed wheels; "corpus": the offline corpus in
     `corpus_dir` (fetched first if missing)."""
     if src == "bundled":
-        from ce_ray.photos import bundled_photos
+        from ce_ray.bundled import bundled_photos
 
         return [SourceFile(p.name, str(p.path)) for p in bundled_photos()], []
     if src == "corpus":
         return corpus_files(corpus_dir), []
-    src = _strip_file_scheme(src)
-    if _is_uri(src):
+    src = local_path(src)
+    if is_uri(src):
         return _discover_remote(src)
     excluded = list(exclude)
 
@@ -313,8 +298,8 @@ def _from_list(list_path: str, remote: bool) -> tuple[list[SourceFile], list[dic
     found: dict[str, SourceFile] = {}
     dupes = []
     for entry in _read_list(list_path, remote):
-        entry = _strip_file_scheme(entry)
-        if _is_uri(entry) or entry.startswith("/"):
+        entry = local_path(entry)
+        if is_uri(entry) or entry.startswith("/"):
             key, path = entry, entry
         else:
             key = posixpath.normpath(entry)
@@ -377,7 +362,7 @@ class _ShardWriter:
         table = pa.Table.from_pylist(self.rows, schema=SHARD_SCHEMA)
         # The image bytes are already JPEG: a second compression layer or a dictionary (no two
         # photos share bytes) costs CPU and saves nothing.
-        pq.write_table(table, self.folder / name, compression="none", use_dictionary=[samples.KEY_COLUMN, "source"])
+        pq.write_table(table, self.folder / name, compression="none", use_dictionary=[KEY_COLUMN, "source"])
         self.files.append(name)
         self.rows = []
 
@@ -392,27 +377,20 @@ def _results_ray(files: list[SourceFile], opts: Options) -> Iterator[dict[str, A
     only receives small encoded images and writes them, streaming (never all in memory)."""
     import ray
 
-    from ce_ray.train import connect_ray
+    from ce_ray import cluster
 
-    # The cluster named by RAY_ADDRESS (`ray job submit`), else a private local one: a bare
-    # ray.init() would join whatever other cluster runs on this machine (RAY.md §0).
-    connect_ray()
+    # The cluster named by RAY_ADDRESS (`ray job submit`), else a private local one.
+    cluster.connect_ray()
     items = [{"key": f.key, "path": f.path} for f in files]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // FILES_PER_TASK)))
     # Deterministic shards: rows arrive in input (key) order, exactly as with engine="local".
     ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False  # our tqdm bar counts files
-    ds.context.print_on_execution_start = False
+    cluster.quiet_data_context(ds.context)  # our tqdm bar counts files
     ds = ds.map_batches(_ingest_batch, fn_kwargs={"opts": opts}, batch_size=FILES_PER_TASK, batch_format="pyarrow", num_cpus=1)
     # Ray Data warns once that its bars are off; ours is on, so that warning would only confuse.
-    quiet = logging.getLogger("ray.data._internal.progress")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with cluster.logger_level("ray.data._internal.progress", logging.ERROR):
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             yield from batch.to_pylist()
-    finally:
-        quiet.setLevel(level)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -445,7 +423,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
+    if not out.is_dir() or (any(out.iterdir()) and not shards.has_manifest(str(out))):
         raise UserError(f"{out} exists and is not a ce-ray shard folder (no manifest.json); refusing to delete it even with --overwrite")
 
 
@@ -453,7 +431,7 @@ def prepare(
     src: str,
     out: str,
     *,
-    val_fraction: float = samples.VAL_FRACTION,
+    val_fraction: float = shards.VAL_FRACTION,
     rows_per_shard: int = 64,
     load_size: int = LOAD_SIZE,
     min_size: int = FINE_SIZE,
@@ -481,11 +459,11 @@ def prepare(
         raise UserError(f"--load-size must be >= {min_size} (the smallest photo kept), got {load_size}")
     if max_pixels < min_size * min_size:
         raise UserError(f"--max-pixels must be >= {min_size * min_size}, got {max_pixels}")
-    if _is_uri(out):
+    if is_uri(out):
         raise UserError(f"--out must be a local folder (got {out!r}); copy the shards to a bucket afterwards if needed")
-    out_p = Path(_strip_file_scheme(out)).absolute()
-    if src not in ("bundled", "corpus") and not _is_uri(src):
-        s = Path(_strip_file_scheme(src)).absolute()
+    out_p = Path(local_path(out)).absolute()
+    if src not in ("bundled", "corpus") and not is_uri(src):
+        s = Path(local_path(src)).absolute()
         if s == out_p or out_p in s.parents:
             raise UserError(f"--out {out_p} is SRC or contains it; choose an --out outside the photo folder")
     _check_out(out_p, overwrite)
@@ -512,9 +490,9 @@ def prepare(
                 skipped.append({"path": row["source"], "reason": row["reason"]})
                 continue
             row.pop("reason")
-            split = samples.split_of(row[samples.KEY_COLUMN], val_fraction)
+            split = shards.split_of(row[KEY_COLUMN], val_fraction)
             if split == "val":
-                val_keys.append(row[samples.KEY_COLUMN])
+                val_keys.append(row[KEY_COLUMN])
             writers[split].add(row)
         bar.close()
         for w in writers.values():
@@ -524,7 +502,7 @@ def prepare(
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
             raise UserError(f"no images ingested from {src!r}: all {len(files)} files were skipped ({reasons}{' ...' if len(skipped) > 3 else ''})")
         manifest = {
-            "format": MANIFEST_FORMAT,
+            "format": shards.MANIFEST_FORMAT,
             "source": src,
             "ingested": ingested,
             "train": writers["train"].count,
@@ -532,8 +510,8 @@ def prepare(
             "inputs": inputs,  # == ingested + len(skipped)
             "skipped": skipped,
             "split": {
-                "rule": "val if int.from_bytes(sha1(key.encode('utf-8')).digest()[:8], 'big') / 2**64 < val_fraction else train",
-                "function": "ce_ray.samples.split_of",
+                "rule": shards.SPLIT_RULE,
+                "function": "ce_ray.shards.split_of",
                 "val_fraction": val_fraction,
             },
             # The photos scored by validation and `ce-ray evaluate`, named, so a val split can be
@@ -544,7 +522,7 @@ def prepare(
             "encoding": "stored" if keep_original else f"JPEG quality {JPEG_QUALITY}, 4:4:4",
             "options": {**asdict(opts), "val_fraction": val_fraction, "rows_per_shard": rows_per_shard, "engine": engine},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shards.write_manifest(tmp, manifest)
         _check_out(out_p, overwrite)  # it may have appeared while we worked
         replace_dir(tmp, out_p)
     except BaseException:
@@ -559,14 +537,6 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="file", desc="prepare", disable=not enabled, file=sys.stderr)
 
 
-def load_manifest(shards: str) -> dict[str, Any]:
-    """OUT/manifest.json of a prepared folder."""
-    p = Path(shards) / "manifest.json"
-    if not p.is_file():
-        raise UserError(f"{p} not found: run `ce-ray prepare SRC --out {shards}` first")
-    return json.loads(p.read_text())
-
-
 # --- CLI glue (cli.py owns the parser and calls these) -------------------------------------------
 
 
@@ -579,7 +549,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--keep-original", action="store_true", help="store photos at full size (default: shorter side = --load-size)")
     parser.add_argument("--load-size", type=int, default=LOAD_SIZE, help=f"shorter side after resizing (paper's loadSize, default {LOAD_SIZE})")
-    parser.add_argument("--val-fraction", type=float, default=samples.VAL_FRACTION, help=f"share of photos held out by key hash (default {samples.VAL_FRACTION})")
+    parser.add_argument("--val-fraction", type=float, default=shards.VAL_FRACTION, help=f"share of photos held out by key hash (default {shards.VAL_FRACTION})")
     parser.add_argument("--rows-per-shard", type=int, default=64, help="photos per Parquet file (default 64)")
     parser.add_argument("--engine", choices=("ray", "local"), default="ray", help="ray: parallel on Ray Data (default); local: in this process")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=f"reject larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})")

@@ -68,22 +68,17 @@ def describe_model(uri: str, loaded) -> dict[str, Any]:
     checkpoint says about itself."""
     from ce_ray.config import to_dict
 
+    from ce_ray import tracking
+
     name, version = uri, str(loaded.step)
     if uri.startswith("models:/"):
         rest = uri[len("models:/"):].strip("/")
         name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
         version = ref if sep == "/" and ref.isdigit() else f"{sep}{ref}"
-        if not ref.isdigit():  # an alias or "latest": say which version that was at load time
-            try:
-                from mlflow import MlflowClient
-
-                client = MlflowClient()
-                if sep == "@":
-                    version = str(client.get_model_version_by_alias(name, ref).version)
-                elif ref.lower() == "latest":
-                    version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
-            except Exception:  # the registry may be unreachable after the download; keep the reference
-                pass
+        if not ref.isdigit() and (sep == "@" or ref.lower() == "latest"):
+            # An alias or "latest": say which version that was at load time (the registry may be
+            # unreachable after the download: then keep the reference).
+            version = tracking.registered_version(name, alias=ref if sep == "@" else None) or version
     elif uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/"):].partition("/")
         name, version = path or "run", run_id
@@ -172,7 +167,9 @@ class Inpainter:
 
     @api.post("/v1/inpaint")
     async def inpaint(self, request: Request) -> Response:
-        from ce_ray.inpaint import InpaintError, encode_png, image_rgb, mask_hole, plan, read_image
+        from ce_ray.errors import InpaintError
+        from ce_ray.inpaint import encode_png, image_rgb, plan, read_image
+        from ce_ray.masks import hole_from_image
 
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
@@ -200,7 +197,7 @@ class Inpainter:
 
         def decode_and_plan():
             rgb = image_rgb(read_image(image_bytes, self.max_pixels, "image"))
-            hole = mask_hole(read_image(mask_bytes, self.max_pixels, "mask"), rgb.shape[:2]) if mask_bytes is not None else None
+            hole = hole_from_image(read_image(mask_bytes, self.max_pixels, "mask"), rgb.shape[:2]) if mask_bytes is not None else None
             return plan(self.loaded, rgb, hole)
 
         # Big images decode and encode in a thread so the event loop keeps feeding the batch queue;
@@ -267,9 +264,9 @@ def build_app(model_uri: str, *, replicas: int = 1, max_batch_size: int = DEFAUL
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if device != "cpu" and _gpus_available() else 0.0
     if tracking_uri is None and model_uri.startswith(("models:/", "runs:/")):
-        import mlflow
+        from ce_ray import tracking
 
-        tracking_uri = mlflow.get_tracking_uri()  # the driver's (env var or default), made explicit for replicas
+        tracking_uri = tracking.current_uri()  # the driver's (env var or default), made explicit for replicas
     actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     return Inpainter.options(num_replicas=replicas, ray_actor_options=actor,
                              user_config={"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms}).bind(
@@ -310,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS)
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a private local one)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else start a private local one)")
 
 
 def _interrupt(signum, frame):
@@ -320,10 +317,12 @@ def _interrupt(signum, frame):
 def run_from_args(args: argparse.Namespace) -> int:
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        # "local" unless told otherwise: never attach silently to another cluster on this machine.
-        ray.init(address=args.address or "local", include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    from ce_ray import cluster
+
+    connected_here = not ray.is_initialized()
+    # --address, else RAY_ADDRESS, else a private local cluster (never another one on this machine
+    # by accident). Serve needs no dashboard; its HTTP proxy binds --host (loopback by default).
+    own_cluster = cluster.connect_ray(args.address, dashboard=False)
     application = build_app(args.model, replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                             max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, cpus_per_replica=args.cpus_per_replica,
                             gpus_per_replica=args.gpus_per_replica, device=args.device, threads=args.threads)
@@ -343,7 +342,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("stopping", flush=True)
     finally:
         try:
-            if started_ray:
+            if own_cluster:
                 # Our own cluster goes away: serve.shutdown() deletes the app too, and unlike
                 # serve.delete (which waits without a limit for every replica to stop; seen to
                 # hang past 3 min on a loaded machine) it gives the controller at most 30 s.
@@ -351,7 +350,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             else:
                 serve.delete(APP_NAME)  # someone else's cluster: remove only what we deployed
         finally:
-            if started_ray:
+            if connected_here:
                 ray.shutdown()
     return 0
 

@@ -32,7 +32,6 @@ the key.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -40,7 +39,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
@@ -49,6 +47,7 @@ import yaml
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
+from ce_ray.fsutil import write_atomic
 
 METRIC_MODES = {"val_l1": "min", "val_l2": "min", "val_psnr": "max"}  # loop.validate's hole metrics
 RANGES = ("loguniform", "uniform", "randint")
@@ -475,19 +474,6 @@ def run_name_for(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-{trial_id}"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def ledger_path(sweep_dir: Path, trial_id: str) -> Path:
     return Path(sweep_dir) / TRIALS_DIR / f"{trial_id}.json"
 
@@ -527,7 +513,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
     w = csv.DictWriter(buf, fieldnames=columns)
     w.writeheader()
     w.writerows(rows)
-    write_atomically(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -1,7 +1,10 @@
-"""MLflow for training runs: where the tracking store is, one MLflow run per training run, rank 0's
-metrics and picture grids, the final checkpoint, and the generator registered as a model version.
+"""Everything that talks to MLflow (only ce_ray/mlflow_model.py, the logged model's code, imports it
+too): where the tracking store is, one MLflow run per training run, rank 0's metrics and picture
+grids, the final checkpoint, the generator registered as a model version; the sweep's parent and
+child runs (tune.py); evaluation results (evaluate.py); models:/ and runs:/ downloads
+(checkpoint.resolve) and registry versions (serve.py). mlflow is imported inside the functions.
 
-Who does what (shared/RAY.md §4):
+Who does what in a training run (docs/ray-notes.md, "MLflow stores"):
   driver   resolves the tracking URI, creates the experiment with an absolute artifact location
            (an experiment first created inside a worker would keep its artifacts in the worker's
            temporary directory), creates or reopens the MLflow run, logs the flattened config as
@@ -29,10 +32,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
+from ce_ray.fsutil import is_uri
+
+if TYPE_CHECKING:
+    from ce_ray.loop import Tracker
 
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -41,6 +48,8 @@ TAG_RUN_NAME = "ce_ray.run_name"
 MODEL_NAME = "generator"  # artifact name of the logged pyfunc model
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"  # logged as source ("models from code")
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # model URIs that resolve through MLflow
+WARN_EVERY_S = 60.0  # best-effort writes warn at most this often
 
 
 # --- Where things go -----------------------------------------------------------------------------
@@ -59,11 +68,25 @@ def tracking_uri(cfg: C.Config) -> str:
         return f"sqlite:///{Path(cfg.train.output_dir).resolve() / DB_FILE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri or uri.startswith("file:"):
+    if not is_uri(uri):  # a path or file:// URI: MLflow's file store
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
             raise UserError(f"MLflow tracking URI {uri!r} is a file store, which MLflow 3.17 keeps in maintenance mode; "
                             "use sqlite:///path/to/mlflow.db or a server (http://127.0.0.1:5000) via mlflow.tracking_uri or MLFLOW_TRACKING_URI")
     return uri
+
+
+def resolve_uri(explicit: str | None = None) -> str:
+    """`explicit`, else the trainer's default store (tracking_uri of the default config:
+    $MLFLOW_TRACKING_URI, else SQLite under outputs/), so a run id printed by `ce-ray train` is
+    found without naming its store."""
+    return explicit or tracking_uri(C.Config())
+
+
+def current_uri() -> str:
+    """MLflow's process-wide tracking URI (MLFLOW_TRACKING_URI or its default)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def artifact_location(cfg: C.Config, uri: str) -> str | None:
@@ -99,7 +122,7 @@ class RunHandle:
 
 @contextlib.contextmanager
 def using(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (and checkpoint.resolve of models:/ URIs) pointed at `uri` for a block.
+    """MLflow's fluent API (and `download`, i.e. checkpoint.resolve of models:/ URIs) pointed at `uri` for a block.
     mlflow.set_tracking_uri alone would also export MLFLOW_TRACKING_URI to this process for good,
     and every later run in it (and every subprocess) would silently log to that store."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -108,10 +131,83 @@ def using(uri: str) -> Iterator[None]:
         yield
 
 
-def _client(uri: str):
+def _client(uri: str | None):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """The one parameter batcher: params as strings, MAX_PARAMS_PER_BATCH per log_batch."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+
+def _metrics(metrics: dict[str, float], step: int) -> list:
+    """MLflow Metric entities for one step, stamped now."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+
+
+class RateLimitedWarning:
+    """The one warning for best-effort MLflow writes (a tracking-store hiccup must not end a
+    training run or a sweep): printed to stderr at most every WARN_EVERY_S seconds."""
+
+    def __init__(self, every_s: float = WARN_EVERY_S):
+        self.every_s = every_s
+        self._last = -float("inf")
+
+    def __call__(self, what: str, uri: str | None, e: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            print(f"warning: MLflow {what} failed ({uri}): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+class Store:
+    """A client bound to one tracking store: the runs tune.py writes (a sweep's parent run and one
+    child per trial) go through these methods, never through MLflow's process-wide URI."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.client = _client(uri)
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None) -> str:
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        if params:
+            _log_params(self.client, run.info.run_id, params)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """A finished or killed run back to RUNNING (a resumed sweep or trial writes on into it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        _log_params(self.client, run_id, params)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.client.log_batch(run_id, metrics=_metrics(metrics, step))
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def tag_model_version(self, model_uri: str, tags: dict[str, Any]) -> None:
+        """Tags on a registered version, given as models:/<name>/<version>."""
+        name, version = model_uri[len("models:/"):].rsplit("/", 1)
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, str(v))
 
 
 # --- Driver side ---------------------------------------------------------------------------------
@@ -144,40 +240,43 @@ def _params(cfg: C.Config) -> dict[str, str]:
     return {k: str(v) for k, v in C.flatten(cfg).items()}
 
 
+def _quiet_store_setup() -> None:
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+
+
 def start_run(cfg: C.Config, *, run_name: str, run_path: str, resume: bool) -> RunHandle | None:
     """Create (or, when resuming, reopen) the MLflow run of a training run; None when MLflow is off.
     The run is found again by the Ray run folder it trains into."""
     if not cfg.mlflow.enabled:
         return None
-    from mlflow.entities import Param, RunStatus
-
-    import logging
-
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    _quiet_store_setup()
     uri = tracking_uri(cfg)
     exp_id = ensure_experiment(cfg, uri)
-    client = _client(uri)
+    store = Store(uri)
     params = _params(cfg)
     if resume:
-        found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_RUN_PATH}` = '{run_path}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        found = store.client.search_runs([exp_id], filter_string=f"tags.`{TAG_RUN_PATH}` = '{run_path}'",
+                                         order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             run = found[0]
-            client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            store.reopen(run.info.run_id)
             # MLflow params are immutable: record a changed value (e.g. more train.steps) as a tag.
             old = run.data.params
-            new = [Param(k, v) for k, v in params.items() if k not in old]
-            for k, v in params.items():
-                if k in old and old[k] != v:
-                    client.set_tag(run.info.run_id, f"resumed.{k}", v)
-            for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
-                client.log_batch(run.info.run_id, params=new[i : i + MAX_PARAMS_PER_BATCH])
+            store.set_tags(run.info.run_id, {f"resumed.{k}": v for k, v in params.items() if k in old and old[k] != v})
+            store.log_params(run.info.run_id, {k: v for k, v in params.items() if k not in old})
             return RunHandle(uri, exp_id, run.info.run_id)
-    run = client.create_run(exp_id, run_name=run_name, tags={TAG_RUN_PATH: run_path, TAG_RUN_NAME: run_name})
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
-    return RunHandle(uri, exp_id, run.info.run_id)
+    run_id = store.create_run(exp_id, run_name, tags={TAG_RUN_PATH: run_path, TAG_RUN_NAME: run_name}, params=params)
+    return RunHandle(uri, exp_id, run_id)
+
+
+def start_sweep_run(cfg: C.Config, *, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> RunHandle:
+    """A sweep's parent run in the store and experiment `cfg` names (tune.py)."""
+    _quiet_store_setup()
+    uri = tracking_uri(cfg)
+    exp_id = ensure_experiment(cfg, uri)
+    return RunHandle(uri, exp_id, Store(uri).create_run(exp_id, run_name, tags=tags, params=params))
 
 
 def end_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
@@ -231,6 +330,54 @@ def _signature(cfg: C.Config):
     return ModelSignature(inputs=Schema([image, TensorSpec(np.dtype(np.float32), (-1, 1, s, s), name="hole")]), outputs=out)
 
 
+def is_mlflow_uri(uri: str) -> bool:
+    """models:/name/version, models:/name@alias, runs:/id/path or mlflow-artifacts:/ (vs a path)."""
+    return str(uri).startswith(MLFLOW_SCHEMES)
+
+
+def download(uri: str) -> Path:
+    """The local copy of a models:/, runs:/ or mlflow-artifacts:/ URI, through the current
+    tracking URI (`using` sets one for a block)."""
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:
+        raise UserError(f"cannot fetch {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {e}. "
+                        "Check the name/version and MLFLOW_TRACKING_URI") from None
+
+
+def registered_version(name: str, alias: str | None = None) -> str | None:
+    """The version number a registered model's `alias` (None: its latest version) points at now,
+    in the current registry; None when the registry cannot say (unreachable, unknown name)."""
+    try:
+        client = _client(None)
+        if alias is not None:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        return str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    except Exception:
+        return None
+
+
+def log_to_run(run_id: str, metrics: dict[str, float], *, step: int, files: Iterable[str | os.PathLike] = (),
+               artifact_path: str | None = None, tracking_uri: str | None = None, hint: str = "") -> None:
+    """Metrics (at `step`) and files (under `artifact_path`) into an existing run of the store
+    `tracking_uri` (default: resolve_uri()), through a client bound to it: neither MLflow's
+    process-wide URI changes nor a finished run is reopened. UserError (plus `hint`) when the run
+    or store is wrong."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_uri(tracking_uri)
+    client = _client(uri)
+    try:
+        client.get_run(run_id)  # a clear error for a wrong id before anything is written
+        client.log_batch(run_id, metrics=_metrics(metrics, step))
+        for f in files:
+            client.log_artifact(run_id, str(f), artifact_path=artifact_path)
+    except MlflowException as e:
+        raise UserError(f"cannot log to MLflow run {run_id!r} at {client.tracking_uri}: {e}.{' ' + hint if hint else ''}") from None
+
+
 def export_generator_checkpoint(ckpt_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """meta.json + model.pt of a checkpoint (no optimiser or RNG state): what inference needs."""
     from ce_ray import checkpoint as ckpt_io
@@ -275,41 +422,29 @@ def register_generator(handle: RunHandle, ckpt_dir: str | os.PathLike, cfg: C.Co
 
 
 class MlflowTracker:
-    """loop.py's tracker on rank 0: metrics per step and picture grids into the driver's run.
+    """loop.py's Tracker on rank 0: metrics per step and picture grids into the driver's run.
     A tracking-store hiccup prints a warning and training goes on: losing a metric point is
     better than losing the run (the checkpoints and metrics.jsonl still have everything)."""
-
-    WARN_EVERY_S = 60.0
 
     def __init__(self, handle: RunHandle):
         self.handle = handle
         self.client = _client(handle.tracking_uri)
-        self._last_warning = -float("inf")
-
-    def _warn(self, what: str, e: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= self.WARN_EVERY_S:
-            self._last_warning = now
-            print(f"warning: MLflow {what} failed ({self.handle.tracking_uri}): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        self._warn = RateLimitedWarning()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
         try:
-            self.client.log_batch(self.handle.run_id, metrics=items)
+            self.client.log_batch(self.handle.run_id, metrics=_metrics(metrics, step))
         except Exception as e:
-            self._warn("log_metrics", e)
+            self._warn("log_metrics", self.handle.tracking_uri, e)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         try:
             self.client.log_artifact(self.handle.run_id, str(path), artifact_path)
         except Exception as e:
-            self._warn("log_artifact", e)
+            self._warn("log_artifact", self.handle.tracking_uri, e)
 
 
-def worker_tracker(handle: RunHandle | None, rank: int) -> Any:
+def worker_tracker(handle: RunHandle | None, rank: int) -> "Tracker":
     """The tracker a worker hands to loop.run: MLflow on rank 0, a no-op elsewhere or when off."""
     from ce_ray.loop import NullTracker
 

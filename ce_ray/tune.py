@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,11 @@ os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
 from ray.tune import Callback  # noqa: E402  (a Ray-facing module: cli.py imports it only for `ce-ray tune`)
 
 from ce_ray import config as C  # noqa: E402
+from ce_ray import tracking  # noqa: E402
 from ce_ray.errors import UserError  # noqa: E402
-from ce_ray.sweep import (ENDED, RANKING_FILE, RUNS_DIR, STATE_FILE, TRIAL_DRIVER_CPU, Sweep, columns_for, format_table,
-                          ledger_path, load_sweep, plan_concurrency, read_ledgers, run_name_for, trial_config,
-                          write_atomically, write_ranking)
+from ce_ray.fsutil import is_uri, write_atomic  # noqa: E402
+from ce_ray.sweep import (ENDED, RANKING_FILE, RUNS_DIR, STATE_FILE, TRIAL_DRIVER_CPU, Sweep, columns_for, format_table,  # noqa: E402
+                          ledger_path, load_sweep, plan_concurrency, read_ledgers, run_name_for, trial_config, write_ranking)
 
 # The schedulers' clock: the optimiser step every report carries (sweep.py says why not Tune's
 # training_iteration).
@@ -55,12 +55,6 @@ TAG_SWEEP, TAG_TRIAL, TAG_STATUS = "ce_ray.sweep", "ce_ray.trial_id", "ce_ray.tr
 NOT_METRICS = {"timestamp", "pid", "time_since_restore", "iterations_since_restore", "time_this_iter_s", "done", "step"}
 
 # --- The driver-side callback: ledgers + MLflow parent/child runs -------------------------------------
-
-
-def _mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def _short_error(err: Any) -> str:
@@ -80,9 +74,7 @@ class SweepCallback(Callback):
     result's metrics at its training step, and the status as tag ce_ray.trial_status. "Stopped
     early" = ended without error before train.steps (the scheduler stopped it). MLflow writes are
     best effort (a warning): losing a metric point is better than losing the sweep; the ledgers
-    must be written."""
-
-    WARN_EVERY_S = 60.0
+    must be written (tracking.RateLimitedWarning)."""
 
     def __init__(self, *, sweep_dir: str, sweep_name: str, base: dict, ties: dict[str, str], metric: str, mode: str,
                  keys: list[str], tracking_uri: str | None = None, experiment_id: str | None = None,
@@ -90,11 +82,11 @@ class SweepCallback(Callback):
         self.sweep_dir, self.sweep_name, self.base, self.ties = Path(sweep_dir), sweep_name, base, ties
         self.metric, self.mode, self.keys = metric, mode, keys
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-        self._client = None
-        self._last_warning = -math.inf
+        self._store = None
+        self._warn = tracking.RateLimitedWarning()
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks into tuner.pkl (what --resume restores)
-        return {**self.__dict__, "_client": None, "_last_warning": -math.inf}
+        return {**self.__dict__, "_store": None, "_warn": tracking.RateLimitedWarning()}
 
     # ledgers
     def _load(self, trial) -> dict:
@@ -107,49 +99,39 @@ class SweepCallback(Callback):
                 "last_step": 0, "reports": 0, "best": None, "checkpoints": [], "mlflow_run_id": None, "error": None}
 
     def _save(self, ledger: dict) -> None:
-        write_atomically(ledger_path(self.sweep_dir, ledger["trial_id"]), json.dumps(ledger, indent=1, sort_keys=True))
+        write_atomic(ledger_path(self.sweep_dir, ledger["trial_id"]), json.dumps(ledger, indent=1, sort_keys=True))
 
     # MLflow
-    def _mlflow(self, what: str, fn: Callable[[Any], None]) -> None:
+    def _mlflow(self, what: str, fn: Callable[[tracking.Store], None]) -> None:
         if not self.tracking_uri:
             return
         try:
-            if self._client is None:
-                from mlflow.tracking import MlflowClient
-
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            fn(self._client)
+            if self._store is None:
+                self._store = tracking.Store(self.tracking_uri)
+            fn(self._store)
         except Exception as e:
-            now = time.monotonic()
-            if now - self._last_warning >= self.WARN_EVERY_S:
-                self._last_warning = now
-                print(f"warning: MLflow {what} failed ({self.tracking_uri}): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self._warn(what, self.tracking_uri, e)
 
     def _open_child(self, trial, ledger: dict) -> None:
-        from mlflow.entities import Param
-
-        def go(client) -> None:
+        def go(store: tracking.Store) -> None:
             if ledger["mlflow_run_id"]:  # a resumed trial keeps writing into its run
-                client.update_run(ledger["mlflow_run_id"], status="RUNNING")
-                client.set_tag(ledger["mlflow_run_id"], TAG_STATUS, "running")
+                store.reopen(ledger["mlflow_run_id"])
+                store.set_tags(ledger["mlflow_run_id"], {TAG_STATUS: "running"})
                 return
-            run = client.create_run(self.experiment_id, run_name=ledger["run_name"], tags={
+            ledger["mlflow_run_id"] = store.create_run(self.experiment_id, ledger["run_name"], tags={
                 "mlflow.parentRunId": self.parent_run_id, TAG_SWEEP: self.sweep_name, TAG_TRIAL: trial.trial_id,
                 TAG_STATUS: "running"})
-            ledger["mlflow_run_id"] = run.info.run_id
             cfg = trial_config(self.base, dict(trial.config), self.ties, run_name=ledger["run_name"])
-            items = [Param(k, str(v)) for k, v in C.flatten(cfg).items()]
-            for i in range(0, len(items), 100):  # MLflow's log_batch takes at most 100 params
-                client.log_batch(run.info.run_id, params=items[i : i + 100])
+            store.log_params(ledger["mlflow_run_id"], C.flatten(cfg))
 
         self._mlflow("creating the trial's run", go)
 
     def _close_child(self, ledger: dict) -> None:
         run_id = ledger["mlflow_run_id"]
         if run_id:
-            def go(client) -> None:
-                client.set_tag(run_id, TAG_STATUS, ledger["status"])
-                client.set_terminated(run_id, status="FAILED" if ledger["status"] == "error" else "FINISHED")
+            def go(store: tracking.Store) -> None:
+                store.set_tags(run_id, {TAG_STATUS: ledger["status"]})
+                store.end(run_id, "FAILED" if ledger["status"] == "error" else "FINISHED")
 
             self._mlflow("ending the trial's run", go)
 
@@ -174,12 +156,9 @@ class SweepCallback(Callback):
                 ledger["best"] = entry
         run_id = ledger["mlflow_run_id"]
         if run_id:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            ms = [Metric(k, float(v), ts, step) for k, v in result.items()
-                  if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-            self._mlflow("logging metrics", lambda client: client.log_batch(run_id, metrics=ms))
+            ms = {k: float(v) for k, v in result.items()
+                  if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._mlflow("logging metrics", lambda store: store.log_metrics(run_id, ms, step))
         self._save(ledger)
 
     def _end(self, trial, status: str) -> None:
@@ -225,18 +204,17 @@ def make_trial_driver(base: dict, ties: dict[str, str], sweep_name: str, runs_di
     from the trial id, so a resumed trial continues its own Train run from its latest checkpoint."""
 
     def ce_ray_trial(config: dict) -> None:
-        import ray.data
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from ce_ray import cluster
         from ce_ray.train import build_trainer
 
         run_name = run_name_for(sweep_name, tune.get_context().get_trial_id())
         cfg = trial_config(base, config, ties, run_name=run_name)
-        # This actor has its own DataContext, copied into the trainer when it is built (RAY.md §2).
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        # This actor has its own DataContext, copied into the trainer when it is built
+        # (docs/ray-notes.md, "Ray Data on few CPUs"): quiet it first.
+        cluster.quiet_data_context()
         build_trainer(cfg, run_name=run_name, storage_path=runs_dir, callbacks=[TuneReportCallback()]).fit()
 
     return ce_ray_trial
@@ -370,33 +348,25 @@ def _check_dashboard(sweep: Sweep, log: Callable[[str], None]) -> None:
 
 def _parent_run(sweep: Sweep, cfg: C.Config, state: dict) -> tuple[str, str, str] | None:
     """(tracking URI, experiment id, parent run id): reopened from sweep.json on --resume."""
-    from ce_ray import tracking
-
     if not cfg.mlflow.enabled:
         return None
     if state.get("mlflow"):
         m = state["mlflow"]
-        _mlflow_client(m["tracking_uri"]).update_run(m["parent_run_id"], status="RUNNING")
+        tracking.Store(m["tracking_uri"]).reopen(m["parent_run_id"])
         return m["tracking_uri"], m["experiment_id"], m["parent_run_id"]
-    from mlflow.entities import Param
-
-    uri = tracking.tracking_uri(cfg)
-    exp_id = tracking.ensure_experiment(cfg, uri)
-    client = _mlflow_client(uri)
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep.name}", tags={TAG_SWEEP: sweep.name, "ce_ray.sweep_dir": str(sweep.directory)})
     params = {"sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.num_samples": sweep.num_samples,
               "sweep.search": sweep.search, "sweep.seed": sweep.seed, "sweep.base": sweep.base_file,
               "sweep.overrides": " ".join(sweep.overrides), **{f"sweep.scheduler.{k}": v for k, v in vars(sweep.scheduler).items()},
               **{f"search_space.{k}": d.describe() for k, d in sweep.space.items()}}
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    return uri, exp_id, run.info.run_id
+    h = tracking.start_sweep_run(cfg, run_name=f"sweep-{sweep.name}", tags={TAG_SWEEP: sweep.name, "ce_ray.sweep_dir": str(sweep.directory)},
+                                 params={k: str(v)[:6000] for k, v in params.items()})  # MLflow's limit on a param value
+    return h.tracking_uri, h.experiment_id, h.run_id
 
 
 def _register_best(sweep: Sweep, rows: list[dict], mlflow_ids: tuple[str, str, str], log) -> str | None:
     """Register the best trial's best checkpoint (an existing one: Train keeps only a few) as a
     model version tagged with the sweep and its metric."""
     from ce_ray import checkpoint as ckpt_io
-    from ce_ray import tracking
 
     uri, exp_id, parent = mlflow_ids
     ledgers = {t["trial_id"]: t for t in read_ledgers(sweep.directory)}
@@ -413,14 +383,12 @@ def _register_best(sweep: Sweep, rows: list[dict], mlflow_ids: tuple[str, str, s
             cfg = trial_config(sweep.base, {k: v for k, v in t["params"].items() if k in sweep.space and sweep.space[k].kind != "tie"},
                                sweep.ties, run_name=t["run_name"])
             model_uri = tracking.register_generator(tracking.RunHandle(uri, exp_id, t["mlflow_run_id"]), found, cfg)
-            name, version = model_uri[len("models:/"):].rsplit("/", 1)
-            client = _mlflow_client(uri)
-            for k, v in {TAG_SWEEP: sweep.name, "ce_ray.metric": sweep.metric, f"ce_ray.{sweep.metric}": entry["value"],
-                         "ce_ray.step": entry["step"], TAG_TRIAL: t["trial_id"]}.items():
-                client.set_model_version_tag(name, version, k, str(v))
-            client.set_tag(parent, "ce_ray.best_trial", t["trial_id"])
-            client.set_tag(parent, "ce_ray.best_model", model_uri)
-            client.log_metric(parent, f"best_{sweep.metric}", entry["value"])
+            store = tracking.Store(uri)
+            store.tag_model_version(model_uri, {TAG_SWEEP: sweep.name, "ce_ray.metric": sweep.metric,
+                                                f"ce_ray.{sweep.metric}": entry["value"], "ce_ray.step": entry["step"],
+                                                TAG_TRIAL: t["trial_id"]})
+            store.set_tags(parent, {"ce_ray.best_trial": t["trial_id"], "ce_ray.best_model": model_uri})
+            store.log_metrics(parent, {f"best_{sweep.metric}": entry["value"]})
             log(f"registered {model_uri}: trial {t['trial_id']} step {entry['step']}, {sweep.metric} {entry['value']:.4g}")
             return model_uri
     log("no trial left a checkpoint with a finite metric: nothing registered")
@@ -431,7 +399,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
     """Run (or with resume=True continue) a sweep; returns the ranking. Trials run as Tune
     trials of TorchTrainer runs; see the module docstring for what goes where."""
     t0 = time.monotonic()
-    if "://" in sweep.config.scale.storage_path and not sweep.config.scale.storage_path.startswith("file://"):
+    if is_uri(sweep.config.scale.storage_path):
         raise UserError(f"sweeps keep their ledgers and ranking on a filesystem: set scale.storage_path to a local or shared "
                         f"folder, not {sweep.config.scale.storage_path!r}")
     sweep_dir = sweep.directory
@@ -452,18 +420,16 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
                         "(check --name and scale.storage_path, or start it without --resume)")
 
     # Every trial would fail on missing shards, each after starting its workers: say it now.
-    from ce_ray.local_data import shard_files
+    from ce_ray.shards import shard_files
 
     shard_files(sweep.config.data.shards, "train")
     shard_files(sweep.config.data.shards, "val")
 
-    from ce_ray.train import connect_ray
+    from ce_ray import cluster
 
-    connect_ray()
+    cluster.connect_ray()
     import ray
     from ray import tune
-
-    from ce_ray import tracking
 
     _check_dashboard(sweep, log)
     res = ray.cluster_resources()
@@ -473,7 +439,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
     mlflow_ids = _parent_run(sweep, cfg, state)
     state = {**state, "sweep": sweep.to_dict(), "status": "running",
              "mlflow": dict(zip(("tracking_uri", "experiment_id", "parent_run_id"), mlflow_ids)) if mlflow_ids else None}
-    write_atomically(state_file, json.dumps(state, indent=1, sort_keys=True))
+    write_atomic(state_file, json.dumps(state, indent=1, sort_keys=True))
     log(f"{'resuming' if resume else 'starting'} sweep {sweep.name}: {sweep.total_trials} trials, {conc} at a time, "
         f"{sweep.scheduler.type} on {sweep.metric} ({sweep.mode}), in {sweep_dir}")
 
@@ -512,14 +478,14 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
                            tracking_uri=mlflow_ids[0] if mlflow_ids else None, parent_run_id=mlflow_ids[2] if mlflow_ids else None)
         if not interrupted and mlflow_ids:
             out.model_uri = state.get("registered") or _register_best(sweep, rows, mlflow_ids, log)
-            client = _mlflow_client(mlflow_ids[0])
-            client.log_artifact(mlflow_ids[2], str(sweep_dir / RANKING_FILE))
+            store = tracking.Store(mlflow_ids[0])
+            store.log_artifact(mlflow_ids[2], sweep_dir / RANKING_FILE)
             for row in rows:
                 if row["mlflow_run_id"]:
-                    client.set_tag(row["mlflow_run_id"], "ce_ray.rank", str(row["rank"]))
+                    store.set_tags(row["mlflow_run_id"], {"ce_ray.rank": row["rank"]})
         status = "KILLED" if interrupted else "FINISHED"
         state.update(status="interrupted" if interrupted else "finished", registered=out.model_uri)
-        write_atomically(state_file, json.dumps(state, indent=1, sort_keys=True))
+        write_atomic(state_file, json.dumps(state, indent=1, sort_keys=True))
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -546,13 +512,11 @@ def _mark_interrupted(sweep_dir: Path, mlflow_ids: tuple[str, str, str] | None) 
         if t["status"] in ENDED:
             continue
         t["status"] = "interrupted"
-        write_atomically(ledger_path(sweep_dir, t["trial_id"]), json.dumps(t, indent=1, sort_keys=True))
+        write_atomic(ledger_path(sweep_dir, t["trial_id"]), json.dumps(t, indent=1, sort_keys=True))
         if mlflow_ids and t.get("mlflow_run_id"):
-            from ce_ray import tracking
-
-            client = _mlflow_client(mlflow_ids[0])
-            client.set_tag(t["mlflow_run_id"], TAG_STATUS, "interrupted")
-            client.set_terminated(t["mlflow_run_id"], status="KILLED")
+            store = tracking.Store(mlflow_ids[0])
+            store.set_tags(t["mlflow_run_id"], {TAG_STATUS: "interrupted"})
+            store.end(t["mlflow_run_id"], "KILLED")
 
 
 def _summary_lines(sweep: Sweep, out: SweepOutcome) -> list[str]:
@@ -561,8 +525,6 @@ def _summary_lines(sweep: Sweep, out: SweepOutcome) -> list[str]:
              f"at each trial's best checkpoint, {out.elapsed_s:.0f} s", format_table(out.rows, cols),
              f"ranking     {out.sweep_dir / RANKING_FILE}"]
     if out.parent_run_id:
-        from ce_ray import tracking
-
         lines.append(f"mlflow run  {out.parent_run_id} (parent; one child per trial) at {out.tracking_uri}")
         if out.model_uri:
             lines.append(f"model       {out.model_uri}")

@@ -1,44 +1,37 @@
 """Shared fixtures: one local Ray cluster per pytest session, and prepared shards of the bundled photos.
 
 The RAY_* variables must be set before Ray starts (and before Train builds its controller), so
-they sit at the top of this file (shared/RAY.md §7).
+they sit at the top of this file (docs/ray-notes.md, "Train V2 reports" and "Noise in logs").
 """
 
 import os
 import sys
 
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # its actor only logs noise
+from ce_ray import cluster
+
+cluster.set_env_defaults()  # what production sets: one print per worker line, no watcher noise, prompt reports
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "120")  # a report/barrier hang fails instead
 
-import pytest
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A private local Ray cluster shared by every `@pytest.mark.ray` test; yields a storage
     folder for RunConfig.storage_path. Tests give Train workers fractional CPUs ({"CPU": 0.5})
-    so Ray Data and Serve still get CPU (RAY.md §2)."""
+    so Ray Data and Serve still get CPU (docs/ray-notes.md, "Ray Data on few CPUs")."""
     import ray
 
-    from ce_ray.train import own_cluster_address
-
-    # As train.connect_ray does: a pinned GCS port named in RAY_ADDRESS for the cluster's own
-    # processes, so Train's placement-group cleaner asks this cluster, not another one here.
-    with own_cluster_address():
-        ray.init(
-            address="local",  # never attach to someone else's cluster on this machine
-            num_cpus=2,
-            include_dashboard=True,  # the State API cleans up Train/Tune placement groups (RAY.md §3)
-            dashboard_host="127.0.0.1",
-            object_store_memory=256 * 1024**2,
-            _temp_dir=f"/tmp/ce_ray_tests/{os.getpid()}",  # distinct per pytest run: sessions run side by side
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-        )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    # As connect_ray does for its own clusters: never someone else's cluster on this machine, a
+    # pinned GCS port named in RAY_ADDRESS for the cluster's processes (so Train's placement-group
+    # cleaner asks this cluster, not another one here), the dashboard's State API on loopback.
+    cluster.start_local(
+        num_cpus=2,
+        object_store_memory=256 * 1024**2,
+        _temp_dir=f"/tmp/ce_ray_tests/{os.getpid()}",  # distinct per pytest run: sessions run side by side
+    )
+    cluster.quiet_data_context()
     try:
         yield tmp_path_factory.mktemp("ray_storage")
     finally:
@@ -75,8 +68,8 @@ def tiny_checkpoint(tmp_path_factory):
     from ce_ray.masks import holes_for
     from ce_ray.metrics import hole_errors, summarize
     from ce_ray.model import build_discriminator, build_generator
-    from ce_ray.photos import load_bundled
-    from ce_ray.samples import random_crops, resize_shorter
+    from ce_ray.bundled import load_bundled
+    from ce_ray.crops import random_crops, resize_shorter
     from ce_ray.step import GanStep, predict
 
     cfg = C.from_dict({"model": {"bottleneck": 64, "ngf": 8, "ndf": 8}, "data": {"batch_size": 16}, "train": {"steps": 60}})

@@ -5,29 +5,23 @@ the result, download it. The result must differ from the input only inside the p
 import base64
 import io
 import os
-import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ce_ray.photos import load_bundled
+from ce_ray.bundled import load_bundled
+from ce_ray.cluster import free_ports
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run"]  # shared/BROWSER.md: without these it keeps calling out
+               "--disable-sync", "--no-first-run"]  # without these Chromium keeps calling out to the network
 TIMEOUT_MS = 180_000  # a shared 2-core machine: slow is fine, a hang is not
 
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: `make browser` (apt-get install chromium) installs it"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def page_url(ray_session, tiny_checkpoint):
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_ports(1)[0]})
         client = _get_global_client()
     serve.run(build_app(str(tiny_checkpoint), cpus_per_replica=0.5), name="test-browser", route_prefix="/t-browser",
               logging_config={"enable_access_log": False, "log_level": "WARNING"})

@@ -116,3 +116,31 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         ck.save(tmp_path / "ck", G=G, D=D, step=2, config=cfg)
     assert ck.load(good).step == 1  # the previous checkpoint is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp leftovers
+
+
+def test_run_folders_of_both_layouts_load_their_latest_checkpoint(tmp_path):
+    """evaluate / inpaint / serve take a run folder as well as a checkpoint folder: Ray Train's and
+    --local's <run>/checkpoint_stepN/, and the older --local <run>/checkpoints/step_N/."""
+    cfg = C.from_dict(TINY)
+    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    new, old = tmp_path / "new-run", tmp_path / "old-run"
+    for step in (3, 12):
+        ck.save(new / ck.checkpoint_dir_name(step), G=G, D=D, step=step, config=cfg)
+        ck.save(old / "checkpoints" / f"step_{step:07d}", G=G, D=D, step=step, config=cfg)
+    (new / "checkpoint_step0000099.tmp-x").mkdir()  # not a checkpoint (a half-written one): ignored
+    assert [p.name for p in ck.run_checkpoints(new)] == ["checkpoint_step0000003", "checkpoint_step0000012"]
+    assert [p.name for p in ck.run_checkpoints(old)] == ["step_0000003", "step_0000012"]
+    assert ck.run_checkpoints(tmp_path / "missing") == []
+    for run in (new, old):
+        assert ck.resolve(str(run)).name.endswith("0000012")  # the latest, not the first in name order
+        assert ck.load_generator(str(run)).step == 12
+        old_ckpt = run / ("checkpoint_step0000003" if run == new else "checkpoints/step_0000003")
+        assert ck.resolve(str(old_ckpt)) == old_ckpt and ck.load_generator(str(old_ckpt)).step == 3
+    assert ck.checkpoint_dir_name(200) == "checkpoint_step0000200"
+
+
+def test_fresh_run_names_skip_existing_folders(tmp_path, monkeypatch):
+    names = iter(["aaaa0000", "bbbb1111"])
+    monkeypatch.setattr(ck.secrets, "token_hex", lambda n: next(names))
+    (tmp_path / "run-aaaa0000").mkdir()
+    assert ck.fresh_run_name(str(tmp_path)) == "run-bbbb1111"

@@ -1,5 +1,6 @@
 """cluster/: the cluster-launcher YAML against Ray's own schema, and the KubeRay manifests'
-structure (GPU workers, pinned Ray version, loopback unless explained, entrypoints that load)."""
+structure (GPU workers, pinned Ray version, loopback unless explained, entrypoints that load);
+ce_ray/cluster.py: the port picker, the address pin and the quieting helpers (no Ray started)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import ray
 import yaml
 
+from ce_ray import cluster
 from ce_ray import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,3 +115,55 @@ def test_entrypoints_in_cluster_files_are_valid_train_commands():
         cfg = C.load(ROOT / cfg_path, overrides)  # keys, types and values are all valid
         if cfg.scale.use_gpu:
             assert cfg.scale.gpus_per_worker == 1 and cfg.train.precision == "bf16"
+
+
+# --- ce_ray/cluster.py -----------------------------------------------------------------------------
+
+
+def test_gcs_port_is_free_and_below_the_ephemeral_range():
+    import socket
+
+    ports = cluster.free_ports(7)
+    assert len(set(ports)) == 7
+    assert all(cluster.PORT_RANGE[0] <= p < cluster.PORT_RANGE[1] < 32768 for p in ports)  # the kernel never hands them out for outgoing connections
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # still free: nothing kept it
+
+
+def test_own_cluster_address_names_the_pinned_port_only_inside_the_block(monkeypatch):
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    with cluster.own_cluster_address() as port:
+        assert os.environ["RAY_ADDRESS"] == f"127.0.0.1:{port}" and os.environ["RAY_GCS_SERVER_PORT"] == str(port)
+    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ  # no stale address left behind
+
+
+def test_env_defaults_keep_what_the_user_set(monkeypatch):
+    import os
+
+    for k in cluster.RAY_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    cluster.set_env_defaults()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1"
+    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
+def test_quiet_data_context_turns_bars_and_banners_off(monkeypatch):
+    from types import SimpleNamespace
+
+    fresh = lambda: SimpleNamespace(enable_progress_bars=True, use_ray_tqdm=True, print_on_execution_start=True)  # noqa: E731
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    ctx = fresh()
+    cluster.quiet_data_context(ctx, progress_to_logs=True)  # no WARNING console handler: bars off
+    assert (ctx.enable_progress_bars, ctx.use_ray_tqdm, ctx.print_on_execution_start) == (False, True, False)
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", "/x.yaml")
+    ctx = fresh()
+    cluster.quiet_data_context(ctx, progress_to_logs=True)  # progress as INFO lines: into the log files only
+    assert (ctx.enable_progress_bars, ctx.use_ray_tqdm, ctx.print_on_execution_start) == (True, False, False)
+    ctx = fresh()
+    cluster.quiet_data_context(ctx)
+    assert (ctx.enable_progress_bars, ctx.print_on_execution_start) == (False, False)

@@ -174,7 +174,7 @@ def test_catalogue_is_well_formed():
 
 def test_prepare_corpus_ingests_the_kept_photos_with_their_keys(registry, tmp_path):
     from ce_ray.prepare import prepare
-    from ce_ray.samples import split_of
+    from ce_ray.shards import split_of
 
     out = tmp_path / "corpus"
     m = Co.fetch(out, source=registry, catalogue=CATALOGUE, log=lambda _: None)

@@ -220,6 +220,16 @@ def test_logs_metrics_and_artifacts_to_an_mlflow_run(photo_dir, eval_tiny_checkp
     assert r["model"]["step"] == 7
 
 
+def test_a_run_folder_of_either_layout_is_a_model(photo_dir, eval_tiny_checkpoint, tmp_path):
+    import shutil
+
+    shutil.copytree(eval_tiny_checkpoint, tmp_path / "run" / "checkpoint_step0000007")
+    shutil.copytree(eval_tiny_checkpoint, tmp_path / "old" / "checkpoints" / "step_0000007")
+    for run in ("run", "old"):
+        r = E.evaluate(str(tmp_path / run), photo_dir, out_dir=tmp_path / f"out-{run}", methods=[], max_tiles=2, sample_tiles=0)
+        assert r["model"]["step"] == 7 and r["tiles"] == 2
+
+
 def test_cli_glue_prints_the_table(photo_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     E.add_arguments(parser)

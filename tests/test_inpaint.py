@@ -13,10 +13,10 @@ from ce_ray import cli
 from ce_ray import config as C
 from ce_ray import inpaint as I
 from ce_ray.checkpoint import LoadedGenerator, load_generator
-from ce_ray.masks import center_hole, fill_hole
+from ce_ray.masks import center_hole, fill_hole, hole_from_image
 from ce_ray.model import build_generator
-from ce_ray.photos import load_bundled
-from ce_ray.samples import resize_shorter, to_uint8, to_unit
+from ce_ray.bundled import load_bundled
+from ce_ray.crops import resize_shorter, to_uint8, to_unit
 from ce_ray.step import predict
 
 
@@ -241,15 +241,30 @@ def test_mask_images_white_is_hole():
     m[2:5, 3:7] = (255, 255, 255, 255)  # white, opaque: hole
     m[6:8, 1:3] = (255, 255, 255, 0)  # white but transparent: not hole
     m[8, 8] = (100, 100, 100, 255)  # dark grey: not hole
-    hole = I.mask_hole(Image.fromarray(m, "RGBA"))
+    hole = hole_from_image(Image.fromarray(m, "RGBA"))
     expect = np.zeros((10, 12), bool)
     expect[2:5, 3:7] = True
     assert np.array_equal(hole, expect)
     with pytest.raises(I.InpaintError, match="the mask is 12x10 but the image is 13x10"):
-        I.mask_hole(Image.fromarray(m, "RGBA"), (10, 13))
+        hole_from_image(Image.fromarray(m, "RGBA"), (10, 13))
 
 
 # --- ce-ray inpaint ------------------------------------------------------------------------------
+
+
+def test_cli_takes_a_run_folder_of_either_layout(tiny_checkpoint, tmp_path):
+    """--model may name a run folder: Ray Train's / --local's <run>/checkpoint_stepN/, or an older
+    --local run's <run>/checkpoints/step_N/ (its checkpoint folder works too)."""
+    import shutil
+
+    rgb = np.asarray(Image.new("RGB", (160, 128), (90, 120, 150)))
+    (tmp_path / "in.png").write_bytes(png_bytes(rgb))
+    shutil.copytree(tiny_checkpoint, tmp_path / "run" / "checkpoint_step0000060")
+    shutil.copytree(tiny_checkpoint, tmp_path / "old" / "checkpoints" / "step_0000060")
+    for model in ("run", "old", "old/checkpoints/step_0000060"):
+        out = tmp_path / f"{model.replace('/', '_')}.png"
+        assert cli.main(["inpaint", str(tmp_path / "in.png"), "--model", str(tmp_path / model), "-o", str(out)]) == 0
+        assert np.asarray(Image.open(out)).shape == rgb.shape
 
 
 def test_cli_inpaints_a_file(tiny_checkpoint, photos, tmp_path, capsys):

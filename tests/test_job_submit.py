@@ -24,7 +24,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from ce_ray import checkpoint as ckpt_io
-from ce_ray.train import free_ports  # below the kernel's ephemeral range: this test was flaky without
+from ce_ray.cluster import free_ports  # below the kernel's ephemeral range: this test was flaky without
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -55,10 +55,10 @@ def head(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is looked up on the head's PATH
-        RAY_AUTH_MODE="disabled",  # a throwaway loopback cluster (RAY.md §0)
+        RAY_AUTH_MODE="disabled",  # a throwaway loopback cluster (docs/ray-notes.md, "Job submission and clusters")
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop in seconds, not 30 s
         # Its processes inherit this: Train's placement-group cleaner looks its cluster up without
-        # an address, ambiguous with several clusters on one machine (train.connect_ray does the same).
+        # an address, ambiguous with several clusters on one machine (cluster.own_cluster_address does the same).
         RAY_ADDRESS=f"127.0.0.1:{gcs}",
     )
     log = open(tmp_path / "head.log", "w")

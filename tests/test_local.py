@@ -1,4 +1,5 @@
-"""The no-Ray local runner: the shared loop on the bundled photos, checkpoints, grids, resume."""
+"""The no-Ray local runner: the shared loop on the bundled photos, checkpoints, grids, resume, in
+Ray Train's run layout (and resuming a run folder of the older checkpoints/step_N layout)."""
 
 import json
 
@@ -19,7 +20,7 @@ def test_local_trainer_runs_on_bundled_photos(bundled_shards, tmp_path):
     cfg = tiny(bundled_shards, tmp_path)
     logs = []
     res = train_local(cfg, run_name="t1", log=logs.append)
-    assert res.checkpoint.name == "step_0000006"
+    assert res.checkpoint.name == "checkpoint_step0000006" and res.checkpoint.parent == res.run_dir
     loaded = ck.load(res.checkpoint)
     assert loaded.step == 6 and loaded.config == cfg and loaded.optim is not None
     assert {"val_l1", "val_l2", "val_psnr"} <= set(loaded.metrics)
@@ -28,7 +29,10 @@ def test_local_trainer_runs_on_bundled_photos(bundled_shards, tmp_path):
     assert [m["step"] for m in lines] == [2, 3, 4, 6]
     assert any("step 6/6" in line and "img/s" in line and "ETA" in line for line in logs)
     # keeps scale.checkpoints_to_keep (2) newest
-    assert [p.name for p in sorted((res.run_dir / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
+    assert [p.name for p in sorted(res.run_dir.glob("checkpoint_step*"))] == ["checkpoint_step0000003", "checkpoint_step0000006"]
+    # metrics.jsonl names the checkpoints as Ray Train's does
+    assert [(m["step"], m.get("checkpoint")) for m in lines] == [(2, None), (3, "checkpoint_step0000003"), (4, None),
+                                                                  (6, "checkpoint_step0000006")]
 
 
 def test_fresh_run_never_resumes_by_accident_and_resume_continues(bundled_shards, tmp_path):
@@ -39,7 +43,7 @@ def test_fresh_run_never_resumes_by_accident_and_resume_continues(bundled_shards
     more = C.replace(cfg, train={"steps": 6})
     logs = []
     res = train_local(more, run_name="r", resume=True, log=logs.append)
-    assert logs[0].startswith("resuming r from step_0000003")
+    assert logs[0].startswith("resuming r from checkpoint_step0000003")
     assert ck.load(res.checkpoint).step == 6
     steps = [json.loads(l)["step"] for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 3, 4, 6]  # 1-3 from the first run, 4-6 after resuming: no step repeated
@@ -53,10 +57,10 @@ def test_cli_local_resume_continues_step_weights_and_optimiser(bundled_shards, t
     common = ["train", "--local", "--config", "tune_configs/smoke.yaml", "--run-name", "cli",
               f"data.shards={bundled_shards}", f"train.output_dir={tmp_path}", "mlflow.enabled=false"]
     assert main([*common, "train.steps=3"]) == 0
-    first = ck.load(tmp_path / "cli" / "checkpoints" / "step_0000003")
+    first = ck.load(tmp_path / "cli" / "checkpoint_step0000003")
     assert main([*common, "train.steps=5", "--resume"]) == 0
-    assert "resuming cli from step_0000003" in capsys.readouterr().out
-    second = ck.load(tmp_path / "cli" / "checkpoints" / "step_0000005")
+    assert "resuming cli from checkpoint_step0000003" in capsys.readouterr().out
+    second = ck.load(tmp_path / "cli" / "checkpoint_step0000005")
     assert second.step == 5
     # Adam's own step counter continued from 3 (the optimiser state was restored, not rebuilt)...
     steps = lambda c: {int(s["step"]) for s in c.optim["opt_g"]["state"].values()}  # noqa: E731
@@ -71,3 +75,24 @@ def test_cli_local_resume_continues_step_weights_and_optimiser(bundled_shards, t
     torch.manual_seed(first.config.train.seed)
     init = build_generator(first.config.model).state_dict()[key]
     assert (second.G[key] - first.G[key]).abs().mean() < (second.G[key] - init).abs().mean()
+
+
+def test_resume_continues_a_run_folder_of_the_old_layout(bundled_shards, tmp_path):
+    """Runs written before the shared layout kept <run>/checkpoints/step_N/: they still resume,
+    and the new checkpoints go where Ray Train puts them."""
+    import shutil
+
+    cfg = tiny(bundled_shards, tmp_path, steps=3)
+    first = train_local(cfg, run_name="old", log=lambda s: None)
+    legacy = first.run_dir / "checkpoints" / "step_0000003"
+    legacy.parent.mkdir()
+    shutil.move(first.checkpoint, legacy)  # now exactly what an older ce-ray left behind
+    assert ck.run_checkpoints(first.run_dir) == [legacy]
+    with pytest.raises(UserError, match="--resume"):
+        train_local(cfg, run_name="old", log=lambda s: None)
+    logs = []
+    res = train_local(C.replace(cfg, train={"steps": 6}), run_name="old", resume=True, log=logs.append)
+    assert logs[0].startswith("resuming old from step_0000003")
+    assert res.checkpoint == first.run_dir / "checkpoint_step0000006" and ck.load(res.checkpoint).step == 6
+    # Both layouts count towards scale.checkpoints_to_keep (2): step 3 (old layout) and step 6 stay.
+    assert [p.name for p in ck.run_checkpoints(res.run_dir)] == ["step_0000003", "checkpoint_step0000006"]

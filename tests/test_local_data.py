@@ -6,7 +6,8 @@ import torch
 
 from ce_ray import config
 from ce_ray.errors import UserError
-from ce_ray.local_data import LocalTrainStream, load_val, shard_files, val_arrays
+from ce_ray.local_data import LocalTrainStream, load_val, val_arrays
+from ce_ray.shards import shard_files
 from ce_ray.masks import center_hole
 
 
@@ -84,35 +85,35 @@ def test_missing_or_tiny_shards_are_user_errors(tmp_path, bundled_shards):
 
 def test_scale_jitter_resizes_each_photo_within_its_range(monkeypatch):
     from ce_ray import config as C
-    from ce_ray import samples
+    from ce_ray import crops
 
     sizes = []
-    real = samples.resize_shorter
-    monkeypatch.setattr(samples, "resize_shorter", lambda rgb, size: sizes.append(size) or real(rgb, size))
-    photo = samples.encode_png(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    real = crops.resize_shorter
+    monkeypatch.setattr(crops, "resize_shorter", lambda rgb, size: sizes.append(size) or real(rgb, size))
+    photo = crops.encode_png(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     rng = np.random.default_rng(0)
 
-    out = samples.train_batch([photo] * 40, C.from_dict({"data": {"repeat": 2, "scale_jitter": 0.4}}), rng)
+    out = crops.train_batch([photo] * 40, C.from_dict({"data": {"repeat": 2, "scale_jitter": 0.4}}), rng)
     assert out["image"].shape == (80, 3, 128, 128) and out["hole"].shape == (80, 1, 128, 128)
     assert all(210 <= s <= 490 for s in sizes) and len(set(sizes)) > 20  # one draw per decoded photo
     assert min(sizes) < 300 < max(sizes)
 
     sizes.clear()
-    samples.train_batch([photo] * 5, C.from_dict({}), rng)
+    crops.train_batch([photo] * 5, C.from_dict({}), rng)
     assert sizes == [350] * 5  # the paper's fixed load size when off
 
 
 def test_channel_shuffle_permutes_each_crops_colours():
     from ce_ray import config as C
-    from ce_ray import samples
+    from ce_ray import crops
 
     rgb = np.zeros((200, 200, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 0, 128
-    photo = samples.encode_png(rgb)
+    photo = crops.encode_png(rgb)
     rng = np.random.default_rng(0)
     means = lambda out: {tuple(np.round(im.mean(axis=(1, 2)), 2)) for im in out["image"]}  # noqa: E731
-    plain = samples.train_batch([photo] * 4, C.from_dict({"data": {"load_size": 200, "repeat": 4}}), rng)
+    plain = crops.train_batch([photo] * 4, C.from_dict({"data": {"load_size": 200, "repeat": 4}}), rng)
     assert means(plain) == {(1.0, -1.0, 0.0)}  # [-1, 1] scale: 255, 0, 128 (128 -> 0.004)
-    shuffled = samples.train_batch([photo] * 8, C.from_dict({"data": {"load_size": 200, "repeat": 4, "channel_shuffle": True}}), rng)
+    shuffled = crops.train_batch([photo] * 8, C.from_dict({"data": {"load_size": 200, "repeat": 4, "channel_shuffle": True}}), rng)
     orders = means(shuffled)
     assert len(orders) == 6 and all(sorted(o) == [-1.0, 0.0, 1.0] for o in orders)  # all 6 orders in 32 crops

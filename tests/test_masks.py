@@ -99,7 +99,7 @@ def test_the_decode_path_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np, ce_ray.data, ce_ray.config as C, ce_ray.samples as s;"
+    code = ("import sys, numpy as np, ce_ray.data, ce_ray.config as C, ce_ray.crops as s;"
             "s.holes_for(C.MaskConfig(kind='random_block'), 128, 2, np.random.default_rng(0));"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ce_ray import prepare as prep
 from ce_ray.errors import UserError
-from ce_ray.samples import IMAGE_COLUMN, KEY_COLUMN, decode, split_of
+from ce_ray.crops import decode
+from ce_ray.shards import IMAGE_COLUMN, KEY_COLUMN, split_of
 
 MAX_PIXELS = 600_000  # the hostile folder's bombs are 1 MP (Pillow warns) and 2 MP (Pillow errors)
 

