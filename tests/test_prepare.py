@@ -107,6 +107,19 @@ def test_bundled_schema_and_counts(tmp_path):
     assert train_keys == sorted(train_keys)
 
 
+def test_manifest_helpers_read_what_prepare_wrote(tmp_path):
+    from ce_ray import shards
+
+    out = tmp_path / "shards"
+    m = prep.prepare("bundled", str(out), rows_per_shard=4, engine="local", progress=False)
+    assert shards.has_manifest(str(out)) and shards.read_manifest(str(out)) == m == shards.read_manifest("file://" + str(out))
+    assert m["format"] == shards.MANIFEST_FORMAT and m["columns"] == shards.SHARD_SCHEMA.names
+    assert m["split"]["function"] == "ce_ray.shards.split_of" and m["split"]["rule"] == shards.SPLIT_RULE
+    assert not shards.has_manifest(str(tmp_path))
+    with pytest.raises(UserError, match="ce-ray prepare"):
+        shards.read_manifest(str(tmp_path))
+
+
 def test_keep_original_stores_full_size(tmp_path):
     m = prep.prepare("bundled", str(tmp_path / "o"), keep_original=True, engine="local", progress=False)
     r = _rows(tmp_path / "o")["skimage/astronaut"]
@@ -292,10 +305,24 @@ def test_cli_arguments_and_summary(tmp_path, capsys):
         parser.parse_args(["bundled"])  # --out is required
 
 
+# Every module that must work where Ray is absent (and that the Ray-facing ones import): importing
+# them never imports Ray. export is a later addition: checked when it is there.
+NO_RAY_MODULES = ["config", "errors", "masks", "model", "losses", "step", "checkpoint", "loop", "local", "local_data",
+                  "metrics", "crops", "grids", "baselines", "fsutil", "shards", "containers", "corpus", "bundled",
+                  "evaluate", "inpaint", "prepare", "data", "sweep", "tracking", "cluster", "export"]
+
+
 def test_local_paths_never_import_ray(tmp_path):
-    """engine='local' and the no-Ray loader must work on hosts without Ray."""
+    """engine='local', the no-Ray loader and every pure-torch module must work on hosts without Ray."""
+    import importlib.util
+
+    modules = [m for m in NO_RAY_MODULES if importlib.util.find_spec(f"ce_ray.{m}") is not None]
+    assert len(modules) >= len(NO_RAY_MODULES) - 1
     code = f"""
-import sys
+import importlib, sys
+for m in {modules!r}:
+    importlib.import_module("ce_ray." + m)
+assert "ray" not in sys.modules, "ray was imported by importing ce_ray's no-Ray modules"
 from ce_ray import config, data, local_data, prepare
 prepare.prepare("bundled", {str(tmp_path / 'o')!r}, engine="local", progress=False, rows_per_shard=4)
 cfg = config.replace(config.Config(), data={{"shards": {str(tmp_path / 'o')!r}, "batch_size": 4}})
