@@ -232,7 +232,8 @@ def main() -> int:
         ray.shutdown()
 
     raw = summary
-    # The targets, as ratios (measured above in this same run).
+    # The serving targets as ratios: a lone request's latency over the raw forward + codec, and
+    # batching's throughput gain (all measured above, in this same run).
     base = raw["raw_forward_ms_batch1"] + raw["codec_ms"]
     if ("off", 1) in results:
         kv(single_latency_over_raw_plus_codec_batching_off=results[("off", 1)]["p50_ms"] / base)

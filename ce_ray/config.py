@@ -1,8 +1,9 @@
 """Typed, frozen run configuration: the paper's defaults, strict YAML loading, `a.b=c` overrides.
 
-Every default cites PAPER.md (Pathak et al. 2016 and the authors' `train.lua`). Unknown keys, wrong
-types and invalid values raise `UserError` naming the key before anything starts. The resolved
-config is saved in every checkpoint and flattened into MLflow params.
+Every default is the paper's or the authors' `train.lua`'s (docs/paper.md has the numbers, and
+where train.lua differs from the paper's text). Unknown keys, wrong types and invalid values raise
+`UserError` naming the key before anything starts. The resolved config is saved in every
+checkpoint and flattened into MLflow params.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 from ce_ray.errors import UserError
 
-# --- The paper's numbers (PAPER.md) -------------------------------------------------------------
+# --- The paper's numbers (docs/paper.md) --------------------------------------------------------
 LOAD_SIZE = 350  # `loadSize`: shorter side after resizing, before the random crop
 FINE_SIZE = 128  # `fineSize`: the crop the network sees
 OVERLAP_PRED = 4  # `overlapPred` in train.lua (the paper's text says 7)
@@ -55,7 +56,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Which hole the model learns to fill (PAPER.md: centre / random block / random region)."""
+    """Which hole the model learns to fill: centre (train.lua), random block (paper §3.3), random
+    region (train_random.lua)."""
 
     kind: Literal["center", "random_block", "random_region"] = "center"
     overlap: int = OVERLAP_PRED  # visible ring that is still predicted (centre only)
@@ -72,7 +74,7 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Generator / discriminator shape (PAPER.md table)."""
+    """Generator / discriminator shape (the paper's layer table: docs/paper.md)."""
 
     variant: Literal["center", "full"] = "center"  # center: 128 -> 64 patch; full: 128 -> 128
     bottleneck: int = BOTTLENECK

@@ -15,7 +15,8 @@ READ_AHEAD_MIN): uncapped, a slow consumer (a training step) let Ray Data fill ~
 store with decoded crops, i.e. a share of the object store rather than what decoding needs in
 flight; capped at 128 MiB it held ~0.2 GB.
 
-CPU starvation (shared/RAY.md §2) has two faces on a small machine, both measured here:
+CPU starvation (docs/ray-notes.md, "Ray Data on few CPUs") has two faces on a small machine, both
+measured here:
 - Train workers hold every CPU: no data task can start and training hangs. `check_cpu_budget`
   turns that into a UserError naming the fix; with 2 workers x 0.5 CPU on 2 CPUs one CPU is left.
 - Data tasks asking for a fraction of a CPU: Ray then runs more task workers than CPUs, and its
@@ -183,7 +184,8 @@ def data_config(read_ahead: int | None = None) -> "ray.train.DataConfig":
 
 def check_cpu_budget(cfg: Config, cluster_cpus: float | None = None) -> None:
     """Raise UserError when the Train workers would hold every CPU: Ray Data then gets none and
-    the run hangs (RAY.md §2). `cluster_cpus` defaults to the connected cluster's CPUs."""
+    the run hangs ("Cluster resources are not enough to run any task"). `cluster_cpus` defaults to
+    the connected cluster's CPUs."""
     if cluster_cpus is None:
         import ray
 
@@ -194,7 +196,8 @@ def check_cpu_budget(cfg: Config, cluster_cpus: float | None = None) -> None:
         fit = math.floor(100 * (cluster_cpus - DATA_TASK_CPUS) / s.num_workers) / 100
         if fit <= 0:
             raise UserError(f"this {cluster_cpus:g}-CPU cluster cannot run training workers beside Ray Data's {DATA_TASK_CPUS}-CPU decode "
-                            f"tasks; start Ray with more (logical) CPUs, e.g. ray.init(num_cpus=4) or `ray start --num-cpus=4`")
+                            f"tasks; start Ray with more (logical) CPUs, e.g. `ray start --head --num-cpus=4` (and RAY_ADDRESS "
+                            f"naming it), or num_cpus=4 in ray.init")
         raise UserError(
             f"{s.num_workers} workers x scale.cpus_per_worker={s.cpus_per_worker} leave Ray Data less than the {DATA_TASK_CPUS} CPU "
             f"its decode tasks need on this {cluster_cpus:g}-CPU cluster, so training would hang waiting for data; "

@@ -1,6 +1,6 @@
 """`ce-ray evaluate`: a Context Encoder beside classical inpainting on the same tiles and holes,
-scored as the paper's Table 1 (PAPER.md "Results to compare against"), written as report.json,
-report.md and picture grids, and optionally logged to an MLflow run. No Ray.
+scored as the paper's Table 1 (docs/paper.md, "Results to compare against"), written as
+report.json, report.md and picture grids, and optionally logged to an MLflow run. No Ray.
 
 Protocol (deterministic: the same input gives a byte-identical report.json):
 - Shards from `ce-ray prepare`: the val split, tile for tile the crops and holes the trainer
@@ -49,7 +49,7 @@ DEFAULT_OUT = "outputs/eval"
 CHUNK = 64  # tiles scored at a time: bounds memory to one chunk of outputs per method
 SSIM_WIN = 7  # skimage's default (uniform) window; a bounding box is grown to at least this side
 
-# PAPER.md: Pathak et al. 2016, Table 1, centre 64x64 hole on Paris StreetView (L1 / L2 as
+# Pathak et al. 2016, Table 1 (docs/paper.md), centre 64x64 hole on Paris StreetView (L1 / L2 as
 # fractions, PSNR in dB). A different dataset from ours: context for the scale of the numbers,
 # not a row to rank against.
 PAPER_REFERENCE: tuple[dict[str, Any], ...] = (

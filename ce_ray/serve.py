@@ -19,9 +19,9 @@ the first); every round of every request's windows then runs as one generator fo
 come from the deployment's user_config, so `serve deploy` with new values calls `reconfigure` on
 the running replicas without restarting them.
 
-Upload limit: Serve's proxy has no body limit of its own (shared/RAY.md §5), so the replica refuses
-a body whose Content-Length is over the limit before reading any of it, and counts the bytes of a
-body sent without one.
+Upload limit: Serve's proxy has no body limit of its own (docs/ray-notes.md, "Serve"), so the
+replica refuses a body whose Content-Length is over the limit before reading any of it, and counts
+the bytes of a body sent without one.
 """
 
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the methods, and FastAPI

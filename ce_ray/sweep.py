@@ -1,8 +1,8 @@
-"""Sweep files for `ce-ray tune` (issue 5): the strict schema, the resolved `Sweep`, how many
+"""Sweep files for `ce-ray tune`: the strict schema, the resolved `Sweep`, how many
 trials fit a cluster, and the per-trial ledgers -> ranking table / CSV. No Ray here: tune.py runs
 the sweep; this module is what it runs from and what it leaves behind.
 
-The paper fixed λrec = 0.999, λadv = 0.001 and G lr = 10x D lr by hand (PAPER.md, Loss /
+The paper fixed λrec = 0.999, λadv = 0.001 and G lr = 10x D lr by hand (docs/paper.md, Loss /
 Optimisation); a sweep file makes them a search space over a base training config:
 
     name: smoke                          # optional; default: the file name without "sweep_"
@@ -56,7 +56,7 @@ DISTRIBUTIONS = RANGES + LISTS + ("tie",)
 SEARCHES = ("random", "grid", "optuna")
 # Which keys each scheduler takes. "hyperband" is Ray's asynchronous HyperBand (ASHA with several
 # brackets): the synchronous HyperBandScheduler pauses trials and resumes them from Tune
-# checkpoints, which the Train-in-Tune pattern does not produce (RAY.md §3).
+# checkpoints, which the Train-in-Tune pattern (a trial function fitting a TorchTrainer) does not produce.
 SCHEDULER_KEYS = {
     "asha": {"grace_period", "reduction_factor", "max_t"},
     "hyperband": {"grace_period", "reduction_factor", "max_t", "brackets"},
@@ -70,7 +70,7 @@ UNSEARCHABLE_SECTIONS = ("scale", "mlflow")
 TIE_RE = re.compile(r"^\s*1\s*-\s*([a-z_]+\.[a-z_0-9]+)\s*$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The trial driver only builds the trainer and waits: a sliver of a CPU, so that it does not
-# starve the Train workers ({"cpu": 0} is refused by Tune, RAY.md §3).
+# starve the Train workers ({"cpu": 0} is refused by Tune: docs/ray-notes.md, "Tune and placement groups").
 TRIAL_DRIVER_CPU = 0.01
 STATE_FILE, RANKING_FILE, TRIALS_DIR, RUNS_DIR = "sweep.json", "ranking.csv", "trials", "runs"
 # Ledger statuses: running | interrupted | completed | stopped_early | error
@@ -439,8 +439,8 @@ def plan_concurrency(sweep: Sweep, cluster_cpus: float, cluster_gpus: float = 0.
 
     Fits = the trials' drivers and workers, which hold their CPUs for the whole run, leave
     data.DATA_TASK_CPUS free: Ray Data's decode tasks are short, so concurrent trials take turns
-    on that free share, but with none free every trial hangs waiting for data (RAY.md §2,
-    data.check_cpu_budget for a single run)."""
+    on that free share, but with none free every trial hangs waiting for data (docs/ray-notes.md,
+    "Ray Data on few CPUs"; data.check_cpu_budget for a single run)."""
     from ce_ray.data import DATA_TASK_CPUS
 
     s = sweep.config.scale

@@ -1,11 +1,12 @@
-"""`ce-ray tune`: hyper-parameter sweeps with Ray Tune over train.py (issue 5), tracked in MLflow.
+"""`ce-ray tune`: hyper-parameter sweeps with Ray Tune over train.py, tracked in MLflow (tracking.py).
 
     ce-ray tune tune_configs/sweep_smoke.yaml [key=value ...] [--resume] [--name NAME]
 
 The sweep file (schema and validation: sweep.py) names a base training config and a search
 space. Each trial is a full TorchTrainer run built by train.build_trainer inside a Tune trial
-driver (shared/RAY.md §3: `Tuner(TorchTrainer)` is not supported); TuneReportCallback turns every
-rank-0 report into one Tune result, judged by the scheduler at its `step`. A trial's Train run is named
+driver (`Tuner(TorchTrainer)` fails under Train V2: docs/ray-notes.md, "Train V2 reports");
+TuneReportCallback turns every rank-0 report into one Tune result, judged by the scheduler at its
+`step`. A trial's Train run is named
 <sweep>-<trial id>, so a resumed trial continues its own run from its latest checkpoint.
 
 On disk, <scale.storage_path>/sweeps/<name>/ holds Tune's experiment state (what --resume
@@ -18,8 +19,9 @@ registered as a model version through tracking.register_generator.
 
 Resources: sweep.plan_concurrency checks that max_concurrent_trials fit the cluster before any
 trial starts. A trial the scheduler stops is killed by Tune; its Train placement group is then
-freed by Train's PlacementGroupCleaner through the dashboard's State API (RAY.md §3), which
-train.connect_ray points at this cluster's own dashboard.
+freed by Train's PlacementGroupCleaner through the dashboard's State API, which
+cluster.connect_ray points at this cluster's own dashboard (docs/ray-notes.md, "Tune and placement
+groups").
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def _get(cfg: C.Config, key: str) -> Any:
 
 
 def make_trial_driver(base: dict, ties: dict[str, str], sweep_name: str, runs_dir: str) -> Callable[[dict], None]:
-    """The Tune trainable: one TorchTrainer run per trial (RAY.md §3). Its Train run name comes
+    """The Tune trainable: a function that builds and fits one TorchTrainer per trial (Tune cannot
+    wrap a TorchTrainer itself under Train V2). Its Train run name comes
     from the trial id, so a resumed trial continues its own Train run from its latest checkpoint."""
 
     def ce_ray_trial(config: dict) -> None:
@@ -313,9 +316,10 @@ def _comparable(sweep: Sweep) -> dict:
 
 def _check_dashboard(sweep: Sweep, log: Callable[[str], None]) -> None:
     """Stopping a trial early frees its Train placement group only through the dashboard's State
-    API; without it the next trials wait forever for CPUs (RAY.md §3). Also warn when the
-    cluster's processes would ask another cluster's State API (several Ray clusters on one
-    machine; train.connect_ray prevents it for the clusters it starts)."""
+    API; without it the next trials wait forever for CPUs (docs/ray-notes.md, "Tune and placement
+    groups"). Also warn when the cluster's processes would ask another cluster's State API
+    (several Ray clusters on one machine; cluster.connect_ray prevents it for the clusters it
+    starts)."""
     if sweep.scheduler.type == "fifo":
         return
     import ray

@@ -63,8 +63,9 @@ def test_each_epoch_cuts_new_crops(ray_session, bundled_shards):
 
 @ray.remote(num_cpus=0.5)
 class Consumer:
-    """Stands in for a Train worker at RAY.md's 0.5 CPU: two of them hold 1 of the 2 CPUs, so
-    the data tasks must run in what is left (the starvation case of RAY.md §2)."""
+    """Stands in for a Train worker at 0.5 CPU (what the smoke config gives each): two of them hold
+    1 of the 2 CPUs, so the data tasks must run in what is left (the starvation case of
+    docs/ray-notes.md, "Ray Data on few CPUs")."""
 
     def keys(self, it, epochs: int) -> list[list[str]]:
         return [[k for b in it.iter_batches(batch_size=2, batch_format="numpy") for k in b["key"]] for _ in range(epochs)]
@@ -115,7 +116,7 @@ def test_cpu_budget_guard():
         return config.replace(config.Config(), scale={"num_workers": workers, "cpus_per_worker": cpus})
 
     with pytest.raises(UserError, match="cpus_per_worker=0.5"):
-        data.check_cpu_budget(cfg(2, 1.0), cluster_cpus=2)  # RAY.md §2: this configuration hangs
+        data.check_cpu_budget(cfg(2, 1.0), cluster_cpus=2)  # 2 workers x 1 CPU on 2 CPUs: this configuration hangs
     data.check_cpu_budget(cfg(2, 0.5), cluster_cpus=2)
     with pytest.raises(UserError, match="more \\(logical\\) CPUs"):
         data.check_cpu_budget(cfg(1, 0.5), cluster_cpus=1)

@@ -1,5 +1,5 @@
 """ce_ray/metrics.py on hand-computed cases: L1 / L2 / PSNR over the hole in [0, 1] range, per image,
-averaged over images (PAPER.md "Results to compare against")."""
+averaged over images (docs/paper.md, "Results to compare against")."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Generator / discriminator shapes, parameter counts (PAPER.md), init, channel-wise FC."""
+"""Generator / discriminator shapes, parameter counts (the paper's, in docs/paper.md), init, channel-wise FC."""
 
 import pytest
 import torch

@@ -39,7 +39,9 @@ def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def make_hostile(root) -> tuple[set[str], dict[str, str]]:
-    """Every case of the issue. Returns (keys that must be ingested, {key: reason substring})."""
+    """A folder with every kind of file prepare must handle: grey, palette, RGBA, CMYK, 16-bit,
+    EXIF-rotated, empty, truncated, not an image, decompression bombs, too small, nested.
+    Returns (keys that must be ingested, {key: reason substring})."""
     good = Image.fromarray(_rgb(200, 160))
     _save(root / "ok.jpg", good, "JPEG", quality=95)
     _save(root / "nested" / "deep" / "ok.png", good, "PNG")  # recursion

@@ -2,7 +2,7 @@
 SIGINT (Ctrl-C) once a trial has ended, then resumed with --resume; checked on disk and in MLflow.
 
 One sweep serves both tests (a sweep costs minutes on 2 cores). It runs in a subprocess with
-its own local Ray cluster, started by train.connect_ray with its address in its processes'
+its own local Ray cluster, started by cluster.connect_ray with its address in its processes'
 environment: Train's placement-group cleaner, which frees the CPUs of a trial that ASHA stopped,
 would otherwise ask whichever Ray cluster it auto-detects on this machine.
 """
