@@ -1,7 +1,9 @@
-"""Classical inpainting baselines on the model's batch API: mean-pixel fill (what the paper's
-generator sees in the hole), OpenCV Telea and Navier-Stokes, scikit-image biharmonic, and the exact
-harmonic fill (what `mask.fill=diffusion` feeds the generator). The paper's own comparison (Table
-1) is in docs/paper.md, "Results to compare against". Pure numpy/OpenCV/scikit-image; no Ray.
+"""Classical inpainting baselines (mean fill, OpenCV, biharmonic, harmonic) on the model's batch API.
+
+Mean-pixel fill (what the paper's generator sees in the hole), OpenCV Telea and Navier-Stokes,
+scikit-image biharmonic, and the exact harmonic fill (what `mask.fill=diffusion` feeds the
+generator). The paper's own comparison (Table 1) is in docs/paper.md, "Results to compare against".
+Pure numpy/OpenCV/scikit-image; no Ray.
 
 `run_baseline(name, images, holes)` takes the same (B, 3, H, W) [-1, 1] tiles and (B, 1, H, W)
 holes as `step.predict` and, like it, changes only pixels inside the hole. Every baseline is given

@@ -1,5 +1,6 @@
-"""The bundled photos: the default dataset, 12 real RGB photographs that ship inside installed
-PyPI wheels (scikit-image, scikit-learn, sporco), with their licences.
+"""The bundled photos: 12 real RGB photographs inside installed PyPI wheels, the default dataset.
+
+They ship with scikit-image, scikit-learn and sporco, under those packages' licences.
 
 Nothing is downloaded: the files are read from the installed packages' folders, located without
 importing the (heavy) packages themselves.

@@ -1,6 +1,8 @@
-"""The checkpoint format and the run folder that holds checkpoints: a self-describing directory
-read by train, tune, evaluate, inpaint and serve, in one run layout for Ray Train and --local.
-Pure torch (models:/ and runs:/ URIs are downloaded through tracking.py).
+"""The checkpoint format, and the run folder that holds a run's checkpoints (Ray Train and --local).
+
+A self-describing directory read by train, tune, evaluate, inpaint and serve, in one run layout
+for Ray Train and --local. Pure torch (models:/ and runs:/ URIs are downloaded through
+tracking.py).
 
     <dir>/meta.json   format, step, resolved config, metrics (human-readable)
     <dir>/model.pt    {"G": state_dict, "D": state_dict}

@@ -1,6 +1,8 @@
-"""`ce-ray <command>`: parse, build, run — nothing else. Each command's flags and behaviour live in
-its module (`add_arguments(parser)` + `run_from_args(args) -> exit code`), imported only when that
-command runs, so `ce-ray --help` is instant and the no-Ray commands work where Ray is absent.
+"""`ce-ray <command>`: the command line; parse, build, run — nothing else.
+
+Each command's flags and behaviour live in its module (`add_arguments(parser)` +
+`run_from_args(args) -> exit code`), imported only when that command runs, so `ce-ray --help` is
+instant and the no-Ray commands work where Ray is absent.
 
 Data path, in command order: corpus (photos from packages) -> prepare (photos -> shards) -> train (Ray Train) -> tune (Ray Tune)
 -> evaluate (vs classical inpainting) -> serve (Ray Serve) / inpaint (one file).

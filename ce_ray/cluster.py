@@ -1,7 +1,8 @@
-"""Connecting to Ray: the one place that calls ray.init (connect_ray, start_local), the environment
-Ray Train reads (RAY_ENV_DEFAULTS), the local cluster's ports and address pin, and the quieting of
-Ray Data and worker logs. Used by prepare, train, tune, serve, the tests and the benchmarks. Ray is
-imported inside the functions: importing this module costs nothing.
+"""Connecting to Ray (the only ray.init), the env Ray Train reads, local cluster ports, log quieting.
+
+connect_ray / start_local, RAY_ENV_DEFAULTS, the local cluster's ports and address pin, and the
+quieting of Ray Data and worker logs, used by prepare, train, tune, serve, the tests and the
+benchmarks. Ray is imported inside the functions: importing this module costs nothing.
 
 Why each setting is there: docs/ray-notes.md ("Job submission and clusters", "Tune and placement
 groups", "Train V2 reports", "Noise in logs").

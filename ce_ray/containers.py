@@ -1,6 +1,8 @@
-"""Readers for the archive and resource formats the offline photo corpus arrives in: Debian `.deb`
-packages, Python wheels, Qt binary resource files (`.rcc`, GCompris), jigzo puzzles (`.pzl`),
-KPhotoAlbum's `index.xml` rotations, and DEP-5 `copyright` files. Pure Python + Pillow; no Ray.
+"""Readers for the archive and resource formats the offline photo corpus arrives in.
+
+Debian `.deb` packages, Python wheels, Qt binary resource files (`.rcc`, GCompris), jigzo puzzles
+(`.pzl`), KPhotoAlbum's `index.xml` rotations, and DEP-5 `copyright` files. Pure Python + Pillow;
+no Ray.
 
 Each reader takes bytes (or text) and returns plain values, so the tests feed it small containers
 they build themselves. The formats are documented in `docs/corpus.md`.

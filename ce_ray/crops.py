@@ -1,9 +1,9 @@
-"""The crop pipeline: encoded photo -> training / validation crops (decode, resize to loadSize,
-random 128 crop, horizontal flip, [-1, 1], hole: train.lua's data path), and the pixel conversions
-between uint8 RGB and the model's [-1, 1] CHW. Pure numpy/PIL (no torch: Ray Data's decode
-workers import it); used by Ray Data (data.py), the no-Ray loader (local_data.py), evaluation and
-serving alike. The shard format the photos come from is shards.py.
-"""
+"""The crop pipeline: encoded photo -> training / validation crops, and uint8 <-> [-1, 1] pixels.
+
+Decode, resize to loadSize, random 128 crop, horizontal flip, [-1, 1], hole: train.lua's data
+path; and the conversions between uint8 RGB and the model's [-1, 1] CHW. Pure numpy/PIL (no
+torch: Ray Data's decode workers import it); used by Ray Data (data.py), the no-Ray loader
+(local_data.py), evaluation and serving alike. The shard format the photos come from is shards.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`ce-ray evaluate`: a Context Encoder beside classical inpainting on the same tiles and holes,
-scored as the paper's Table 1 (docs/paper.md, "Results to compare against"), written as
+"""`ce-ray evaluate`: a model beside classical inpainting on the same tiles and holes, as in Table 1.
+
+Scored as the paper's Table 1 (docs/paper.md, "Results to compare against"), written as
 report.json, report.md and picture grids, and optionally logged to an MLflow run. No Ray.
 
 Protocol (deterministic: the same input gives a byte-identical report.json):

@@ -1,5 +1,7 @@
-"""Paths and atomic writes: local path vs URI, and the one way to write a file or a folder that
-users (or another process) read: shards, checkpoints, reports, ledgers, the photo corpus.
+"""Paths and atomic writes: local path or URI, and files and folders no reader sees half-written.
+
+The one way to write a file or a folder that users (or another process) read: shards,
+checkpoints, reports, ledgers, the photo corpus.
 
 Paths: a *URI* is anything with a scheme other than file:// (s3://, gs://, ...); file:// URIs and
 plain paths are local. Writes: a file or folder is written beside its destination under a hidden

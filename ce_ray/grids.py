@@ -1,6 +1,8 @@
-"""Picture grids (masked input | output | truth), written as PNG: what training logs at every
-evaluation and `ce-ray evaluate` writes per method. Values are rescaled from [-1, 1] to [0, 255]
-before saving (crops.to_uint8): the ports that skipped this wrote images "too dark"."""
+"""Picture grids (masked input | output | truth) as PNG, for training's evals and `ce-ray evaluate`.
+
+What training logs at every evaluation and `ce-ray evaluate` writes per method. Values are
+rescaled from [-1, 1] to [0, 255] before saving (crops.to_uint8): the ports that skipped this
+wrote images "too dark"."""
 
 from __future__ import annotations
 

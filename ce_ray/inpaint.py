@@ -1,6 +1,8 @@
-"""Inpaint a photo of any size with any hole, using a generator trained on 128x128 crops (Pathak et
-al. 2016 §3; train.lua / train_random.lua's data path): the window strategy shared by
-`ce-ray inpaint` and `ce-ray serve`. Pure numpy/PIL/torch; no Ray.
+"""`ce-ray inpaint` and Serve's inpainting: a photo of any size with any hole, in 128x128 windows.
+
+The window strategy for a generator trained on 128x128 crops (Pathak et al. 2016 §3; train.lua /
+train_random.lua's data path), shared by `ce-ray inpaint` and `ce-ray serve`. Pure
+numpy/PIL/torch; no Ray.
 
 Strategy
 --------

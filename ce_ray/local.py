@@ -1,5 +1,7 @@
-"""The no-Ray runner (`ce-ray train --local`): the same per-worker loop (loop.py) in one process,
-world size 1. For debugging, for hosts without Ray (GPU benchmarks), and for quick CPU runs.
+"""The no-Ray runner (`ce-ray train --local`): the shared loop in one process, in Ray Train's run layout.
+
+The same per-worker loop (loop.py), world size 1. For debugging, for hosts without Ray (GPU
+benchmarks), and for quick CPU runs.
 
 A run keeps Ray Train's layout (checkpoint.py), under train.output_dir instead of
 scale.storage_path: <train.output_dir>/<run name>/

@@ -1,7 +1,8 @@
-"""The per-worker training loop, shared by Ray Train (train.py) and the no-Ray local runner
-(local.py): build models -> resume -> GAN steps -> log / validate / checkpoint -> report.
-Pure torch; what differs between the runners (rank, DDP wrapping, data, reporting, tracking) comes
-in a `WorkerEnv`.
+"""The per-worker training loop shared by Ray Train and --local, with its WorkerEnv and Tracker.
+
+Build models -> resume -> GAN steps -> log / validate / checkpoint -> report. Pure torch; what
+differs between the runners (train.py, local.py: rank, DDP wrapping, data, reporting, tracking)
+comes in a `WorkerEnv`.
 
 Rank rules: every rank calls `env.report` at the same steps (Ray Train's report is a barrier:
 docs/ray-notes.md, "Train V2 reports"); only rank 0 validates, writes picture grids and

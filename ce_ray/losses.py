@@ -1,8 +1,8 @@
-"""Context Encoder losses (paper §3, train.lua): overlap-weighted reconstruction and the
-non-saturating adversarial loss. Pure functions returning (loss, metrics); they never call
-backward and never touch optimisers. lambda_rec lives in the weights W (masks.py), lambda_adv is
-applied here: each exactly once.
-"""
+"""Context Encoder losses (paper §3, train.lua): overlap-weighted reconstruction and adversarial.
+
+The reconstruction loss and the non-saturating adversarial loss, as pure functions returning
+(loss, metrics); they never call backward and never touch optimisers. lambda_rec lives in the
+weights W (masks.py), lambda_adv is applied here: each exactly once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Holes and loss weights: centre (train.lua), random block (paper §3.3), random region
-(train_random.lua) and user-supplied masks. Pure numpy/torch; no Ray.
+"""Holes, hole fills and loss weights: centre, random block, random region and user masks.
+
+Centre (train.lua), random block (paper §3.3), random region (train_random.lua) and user-supplied
+mask images (hole_from_image); the mean-pixel and harmonic fills. Pure numpy/torch; no Ray.
 
 Conventions: a *hole* is a boolean (H, W) array, True where pixels are hidden from the generator
 and filled with the dataset's mean pixel. *Weights* multiply the squared (or absolute) error of

@@ -1,5 +1,7 @@
-"""Inpainting quality over the hole, in [0, 1] pixel range, as the paper reports it (Table 1):
-mean L1, mean L2 and PSNR per image, averaged over images. Pure numpy/torch."""
+"""Inpainting quality over the hole, as the paper reports it (Table 1): L1, L2 and PSNR.
+
+In [0, 1] pixel range: mean L1, mean L2 and PSNR per image, averaged over images. Pure
+numpy/torch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Context Encoder generator and discriminator (Pathak et al. 2016; the layer tables are in
-docs/paper.md; authors' train.lua / train_random.lua), the channel-wise fully-connected bottleneck
-(paper §3.1) and the paper's initialisation. Pure torch; no Ray.
+"""Context Encoder generator and discriminator, the channel-wise FC bottleneck, and the paper's init.
+
+Pathak et al. 2016 (the layer tables are in docs/paper.md) and the authors' train.lua /
+train_random.lua; the channel-wise fully-connected bottleneck is the paper's §3.1. Pure torch; no
+Ray.
 
 Order: blocks -> models -> builders. All kernels are 4x4; conv biases are off because the authors
 zero them every step (`bias=False` is the same thing without the work).

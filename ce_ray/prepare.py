@@ -1,4 +1,4 @@
-"""Photos (folder / glob / list file / bucket URI / bundled) -> Parquet shards + manifest.json.
+"""`ce-ray prepare`: photos (folder / glob / list / URI / bundled / corpus) -> Parquet shards + manifest.
 
 The offline ingest step (nanoGPT's prepare.py): every photo is decoded once, converted to 8-bit
 RGB, EXIF-rotated, resized so its shorter side is train.lua's loadSize (350) and re-encoded, so

@@ -1,5 +1,7 @@
-"""The shard format: what `ce-ray prepare` writes and data.py, local_data.py, evaluate.py and the
-corpus read. No Ray, no torch.
+"""The shard format: schema, train/val split, manifest and file listing of prepared shards.
+
+What `ce-ray prepare` writes and data.py, local_data.py, evaluate.py and the corpus read. No
+Ray, no torch.
 
     <shards>/train/part-00000.parquet ...   SHARD_SCHEMA: key, image_bytes, source, width, height
     <shards>/val/part-00000.parquet ...     (rows sorted by key; the split is split_of(key))

@@ -1,6 +1,8 @@
-"""Sweep files for `ce-ray tune`: the strict schema, the resolved `Sweep`, how many
-trials fit a cluster, and the per-trial ledgers -> ranking table / CSV. No Ray here: tune.py runs
-the sweep; this module is what it runs from and what it leaves behind.
+"""Sweep files for `ce-ray tune`: schema, the resolved Sweep, trial sizing, ledgers and ranking.
+
+The strict schema, the resolved `Sweep`, how many trials fit a cluster, and the per-trial
+ledgers -> ranking table / CSV. No Ray here: tune.py runs the sweep; this module is what it runs
+from and what it leaves behind.
 
 The paper fixed λrec = 0.999, λadv = 0.001 and G lr = 10x D lr by hand (docs/paper.md, Loss /
 Optimisation); a sweep file makes them a search space over a base training config:

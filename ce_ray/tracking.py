@@ -1,8 +1,10 @@
-"""Everything that talks to MLflow (only ce_ray/mlflow_model.py, the logged model's code, imports it
-too): where the tracking store is, one MLflow run per training run, rank 0's metrics and picture
-grids, the final checkpoint, the generator registered as a model version; the sweep's parent and
-child runs (tune.py); evaluation results (evaluate.py); models:/ and runs:/ downloads
-(checkpoint.resolve) and registry versions (serve.py). mlflow is imported inside the functions.
+"""Everything that talks to MLflow: stores, training, sweep and evaluation runs, registry, downloads.
+
+Only ce_ray/mlflow_model.py, the logged model's code, imports mlflow too. Here: where the
+tracking store is, one MLflow run per training run, rank 0's metrics and picture grids, the final
+checkpoint, the generator registered as a model version; the sweep's parent and child runs
+(tune.py); evaluation results (evaluate.py); models:/ and runs:/ downloads (checkpoint.resolve)
+and registry versions (serve.py). mlflow is imported inside the functions.
 
 Who does what in a training run (docs/ray-notes.md, "MLflow stores"):
   driver   resolves the tracking URI, creates the experiment with an absolute artifact location

@@ -1,5 +1,6 @@
-"""Ray Train: DDP Context Encoder training across Ray Train workers, on one machine or a cluster,
-with checkpoints, fault tolerance and MLflow (docs/ray-notes.md, "Train V2 reports").
+"""`ce-ray train` on Ray Train: DDP workers, checkpoints, fault tolerance, MLflow; one machine or a cluster.
+
+DDP Context Encoder training across Ray Train workers (docs/ray-notes.md, "Train V2 reports").
 
     train_fn_per_worker   every worker: the shared loop (loop.run) with DDP-wrapped G and D (gloo on
                           CPU, NCCL on GPU), its shard of the Ray Data pipeline, rank 0 validating,
