@@ -1,7 +1,9 @@
 """`ce-ray tune` end to end: tune_configs/sweep_smoke.yaml through the real CLI, interrupted with
 SIGINT (Ctrl-C) once a trial has ended, then resumed with --resume; checked on disk and in MLflow.
+At the end, the driver's ledgers and MLflow runs (SweepCallback, parent run, registered best)
+without a cluster, in seconds.
 
-One sweep serves both tests (a sweep costs minutes on 2 cores). It runs in a subprocess with
+One sweep serves both end-to-end tests (a sweep costs minutes on 2 cores). It runs in a subprocess with
 its own local Ray cluster, started by cluster.connect_ray with its address in its processes'
 environment: Train's placement-group cleaner, which frees the CPUs of a trial that ASHA stopped,
 would otherwise ask whichever Ray cluster it auto-detects on this machine.
@@ -173,3 +175,110 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         mlflow.set_registry_uri(old[1])
     assert loaded.config.optim.lr_g == pytest.approx(final[best["trial_id"]]["params"]["optim.lr_g"])
     assert loaded.step == int(best["step"])
+
+
+# --- The driver's ledgers and MLflow runs, without a cluster (seconds) ------------------------------
+
+
+class _Trial:
+    """What SweepCallback reads from a Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config = trial_id, config
+
+    def get_error(self) -> str:
+        return "Traceback ...\nRuntimeError: boom"
+
+
+def test_sweep_callback_ledgers_and_mlflow_runs(tmp_path, monkeypatch):
+    """SweepCallback and the parent run, through tracking.Store, on a SQLite store: child runs
+    carry the trial config as params and the results as metrics at their step; the best
+    checkpoint is registered and tagged; an interruption marks unfinished children KILLED."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    from ce_ray import checkpoint as ckpt_io
+    from ce_ray import config as C
+    from ce_ray import tune as T
+    from ce_ray.model import build_discriminator, build_generator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = S.load_sweep(ROOT / "tune_configs" / "sweep_smoke.yaml", [f"scale.storage_path={tmp_path / 'ray'}",
+                                                                      f"train.output_dir={tmp_path / 'out'}",
+                                                                      f"mlflow.tracking_uri={uri}", "mlflow.registered_model=tune-test"])
+    cfg = sweep.config
+    parent = T._parent_run(sweep, cfg, {})
+    assert parent[0] == uri
+    client = MlflowClient(uri)
+    assert client.get_run(parent[2]).data.params["sweep.metric"] == "val_l2"
+    cb = T.SweepCallback(sweep_dir=str(sweep.directory), sweep_name=sweep.name, base=sweep.base, ties=sweep.ties, metric=sweep.metric,
+                         mode=sweep.mode, keys=list(sweep.space), tracking_uri=uri, experiment_id=parent[1], parent_run_id=parent[2])
+    cb = pickle.loads(pickle.dumps(cb))  # Tune pickles callbacks into its experiment state
+    sampled = {"loss.lambda_rec": 0.99, "optim.lr_g": 1e-3, "optim.lr_d": 1e-4}
+    a, b = _Trial("a", sampled), _Trial("b", {**sampled, "optim.lr_g": 1e-2})
+
+    torch_ckpt = ckpt_io.save(tmp_path / "ckpt_a", G=build_generator(cfg.model), D=build_discriminator(cfg.model), step=3,
+                              config=S.trial_config(sweep.base, sampled, sweep.ties, run_name=S.run_name_for(sweep.name, "a")))
+    cb.on_trial_start(0, [], a)
+    cb.on_trial_result(0, [], a, {"step": 2, "loss_g": 0.5, "done": False})
+    cb.on_trial_result(0, [], a, {"step": 3, "loss_g": 0.4, "val_l2": 0.05, "checkpoint_path": str(torch_ckpt)})
+    cb.on_trial_complete(0, [], a)
+    cb.on_trial_start(0, [], b)
+    cb.on_trial_result(0, [], b, {"step": 2, "loss_g": 0.9})
+
+    la = json.loads((sweep.directory / "trials" / "a.json").read_text())
+    assert la["status"] == "stopped_early" and la["last_step"] == 3 and la["best"]["value"] == 0.05  # ended before train.steps
+    child = client.get_run(la["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent[2] and child.data.tags[T.TAG_STATUS] == "stopped_early"
+    assert child.info.status == "FINISHED"
+    want = S.trial_config(sweep.base, sampled, sweep.ties, run_name=la["run_name"])
+    assert child.data.params == {k: str(v) for k, v in C.flatten(want).items()}
+    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss_g")] == [(2, 0.5), (3, 0.4)]
+    assert "done" not in child.data.metrics and "step" not in child.data.metrics  # Tune bookkeeping is not a metric
+
+    # Ctrl-C now: b is cut off; its ledger and child run say so.
+    T._mark_interrupted(sweep.directory, parent)
+    lb = json.loads((sweep.directory / "trials" / "b.json").read_text())
+    assert lb["status"] == "interrupted"
+    assert client.get_run(lb["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(lb["mlflow_run_id"]).data.tags[T.TAG_STATUS] == "interrupted"
+
+    # The best checkpoint of the best trial becomes a registered version, tagged with the sweep.
+    rows = S.write_ranking(sweep.directory, sweep.metric, sweep.mode, list(sweep.space))
+    model_uri = T._register_best(sweep, rows, parent, log=lambda line: None)
+    assert model_uri == "models:/tune-test/1"
+    version = client.get_model_version("tune-test", "1")
+    assert version.tags["ce_ray.trial_id"] == "a" and version.tags["ce_ray.val_l2"] == "0.05" and version.tags["ce_ray.step"] == "3"
+    run = client.get_run(parent[2])
+    assert run.data.tags["ce_ray.best_trial"] == "a" and run.data.tags["ce_ray.best_model"] == model_uri
+    assert run.data.metrics["best_val_l2"] == 0.05
+
+    # Resuming reopens the parent run.
+    client.set_terminated(parent[2], status="KILLED")
+    assert T._parent_run(sweep, cfg, {"mlflow": dict(zip(("tracking_uri", "experiment_id", "parent_run_id"), parent))}) == parent
+    assert client.get_run(parent[2]).info.status == "RUNNING"
+
+
+def test_sweep_callback_survives_an_unreachable_store(tmp_path, capsys):
+    """MLflow writes are best effort: a store that went away warns (at most once a minute) and the
+    ledgers are still written."""
+    from ce_ray import tune as T
+
+    class Down:  # every call into the store fails
+        def __getattr__(self, name):
+            raise OSError("store down")
+
+    sweep = S.load_sweep(ROOT / "tune_configs" / "sweep_smoke.yaml", [f"scale.storage_path={tmp_path}"])
+    cb = T.SweepCallback(sweep_dir=str(sweep.directory), sweep_name=sweep.name, base=sweep.base, ties=sweep.ties, metric=sweep.metric,
+                         mode=sweep.mode, keys=list(sweep.space), tracking_uri="http://127.0.0.1:9", experiment_id="0",
+                         parent_run_id="p")
+    cb._store = Down()
+    for tid in ("c", "d"):
+        t = _Trial(tid, {"loss.lambda_rec": 0.99, "optim.lr_g": 1e-3, "optim.lr_d": 1e-4})
+        cb.on_trial_start(0, [], t)
+        cb.on_trial_complete(0, [], t)
+        assert json.loads((sweep.directory / "trials" / f"{tid}.json").read_text())["status"] == "stopped_early"
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow") == 1 and "store down" in err  # one warning, not one per failed write
