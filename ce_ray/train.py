@@ -44,9 +44,10 @@ VAL_SCORE = "val_l2"  # CheckpointConfig keeps the best checkpoint by this (lowe
 
 
 class WorkerHook(Protocol):
-    """Optional calls into every worker process (train_loop_config["hook"]): tests record which
-    process is which rank on which node, what it restored and what it ended with, and kill
-    workers (tests/probes.py). Production runs pass none. It travels pickled to the workers."""
+    """Optional calls into every worker process (train_loop_config["hook"]): the fault-injection
+    and multi-node tests record which process is which rank on which node, what it restored and
+    what weights it ended with (tests/probes.py). Production runs pass none. It travels pickled to
+    the workers."""
 
     def started(self, rank: int, restored_step: int | None) -> None: ...
     def finished(self, rank: int, step: int, models: list) -> None: ...  # models: the bare G and D
@@ -101,7 +102,7 @@ def train_fn_per_worker(config: dict) -> dict[str, float]:
     import ray.train.torch
     import torch
 
-    from ce_ray import cluster, data
+    from ce_ray import data
     from ce_ray.loop import WorkerEnv, run
     from ce_ray.step import unwrap
 
