@@ -215,7 +215,12 @@ def resolve(uri: str) -> Path:
 
 
 def load_generator(uri: str, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """The generator of a checkpoint, in eval mode, ready for inference."""
+    """The generator of a checkpoint, in eval mode, ready for inference. An exported file
+    (`ce-ray export`: .onnx / .pt with its .json description) loads as a runner for it."""
+    from ce_ray.export import is_exported, load_exported
+
+    if is_exported(str(uri)):
+        return load_exported(str(uri))
     ckpt = load(resolve(uri), map_location="cpu", with_optim=False)
     G = build_generator(ckpt.config.model)
     G.load_state_dict(ckpt.G)

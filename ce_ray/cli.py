@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("ce_ray.tune", "sweep lambda_rec / lambda_adv / learning rates with Ray Tune"),
     "evaluate": ("ce_ray.evaluate", "score a model against classical inpainting baselines"),
     "serve": ("ce_ray.serve", "serve a model over HTTP (Ray Serve) with a web page"),
-    "inpaint": ("ce_ray.inpaint", "inpaint one image file with a trained model"),
+    "inpaint": ("ce_ray.inpaint", "inpaint one image, or a folder / glob / list / bucket of them (Ray Data), with a trained model"),
+    "export": ("ce_ray.export", "export a generator as ONNX or TorchScript (dynamic batch) with a JSON description"),
     "demo": ("ce_ray.demo", "the end-to-end demo on the bundled photos (what `make demo` runs)"),
 }
 

@@ -386,14 +386,47 @@ def inpaint_file(model_uri: str, image_path: str | Path, mask_path: str | Path |
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="the photo to inpaint (PNG or JPEG, any size)")
-    parser.add_argument("--mask", help="mask image of the same size, white = hole (default: the centre region)")
-    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias or runs:/id/path")
-    parser.add_argument("-o", "--output", required=True, help="where to write the result (PNG)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where the generator runs (default: cpu)")
+    parser.add_argument("src", metavar="SRC", help="one image file (PNG/JPEG, any size), or many: a folder (recursive), a glob, "
+                                                   "a .txt list of paths, or an s3:// / gs:// prefix")
+    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path, "
+                                                       "or an exported .onnx / .pt file")
+    parser.add_argument("-o", "--out", "--output", dest="out", required=True,
+                        help="for one input file: the PNG to write; for many: a folder or bucket prefix that mirrors SRC's relative paths")
+    holes = parser.add_mutually_exclusive_group()
+    holes.add_argument("--mask", help="mask image of the same size, white = hole (default: the centre region); for many inputs, one mask for all")
+    holes.add_argument("--masks", metavar="DIR", help="many inputs: a mask per image at the same relative path in DIR (white = hole)")
+    holes.add_argument("--mask-kind", choices=("center", "random_block", "random_region"),
+                       help="a generated hole per image, seeded by its path (reruns agree)")
+    parser.add_argument("--replicas", type=int, default=1, help="many inputs: generator replicas (Ray actors; on GPUs when the cluster has them)")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                        help="where the generator runs (default: cpu for one file, auto for many)")
+    parser.add_argument("--local", action="store_true", help="many inputs: one process, no Ray")
+
+
+def _single_file(args: argparse.Namespace) -> bool:
+    p = Path(args.src)
+    return p.is_file() and p.suffix.lower() != ".txt" and not args.masks and not Path(args.out).is_dir()
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    out = inpaint_file(args.model, args.image, args.mask, args.output, device=args.device)
-    print(f"wrote {out}")
+    if _single_file(args):
+        hole_kind = args.mask_kind
+        if hole_kind and hole_kind != "center":
+            from ce_ray.batch_inpaint import generated_hole
+            from ce_ray.checkpoint import load_generator
+            from ce_ray.grids import save_png
+            from ce_ray.step import resolve_device
+
+            loaded = load_generator(args.model, resolve_device(args.device or "cpu"))
+            rgb = image_rgb(read_image(Path(args.src).read_bytes()))
+            hole = generated_hole(hole_kind, Path(args.src).name, *rgb.shape[:2], Geometry.of(loaded.config))
+            out = save_png(inpaint_image(loaded, rgb, hole), args.out)
+        else:
+            out = inpaint_file(args.model, args.src, args.mask, args.out, device=args.device or "cpu")
+        print(f"wrote {out}")
+        return 0
+    from ce_ray.batch_inpaint import run
+
+    run(args.src, args.model, args.out, mask=args.mask, masks_dir=args.masks, mask_kind=args.mask_kind, replicas=args.replicas,
+        device=args.device or "auto", engine="local" if args.local else "ray")
     return 0

@@ -8,12 +8,22 @@ The HTTP API, dynamic batching across requests, input limits, and the web page. 
 
 Routes
     POST /v1/inpaint   multipart: image (PNG/JPEG, any size), optional mask (white = hole; default
-                       the centre region) -> image/png. Every pixel outside the hole is unchanged.
-                       Headers: X-Ce-Ray-Windows (model windows used), X-Ce-Ray-Batch (requests
-                       that shared the forward), Server-Timing (decode, batch, model, encode ms).
+                       the centre region), optional model (an id from /v1/models; or Serve's
+                       `serve_multiplexed_model_id` header; default the first), optional method
+                       (model | telea | navier_stokes | biharmonic | harmonic: a classical fill of
+                       the same hole, for comparison) -> image/png. Every pixel outside the hole
+                       is unchanged. Headers: X-Ce-Ray-Model, X-Ce-Ray-Windows (model windows
+                       used), X-Ce-Ray-Batch (requests that shared the forward), Server-Timing
+                       (decode, batch, model, encode ms).
     GET  /healthz      {"status": "ok", ...}
-    GET  /v1/model     name, version, training config, val metrics, limits, batching
+    GET  /v1/models    the models this app serves, which are loaded in the answering replica
+    GET  /v1/model     name, version, training config, val metrics, limits, batching (?model=ID)
     GET  /             the web page (ce_ray/static/index.html; no external resources)
+
+Several models: each replica loads a model on first use into an LRU of `max_models_per_replica`
+(`serve.multiplexed`), and a batch never mixes models (requests are grouped by model before the
+forward). Autoscaling: `--min-replicas / --max-replicas / --target-ongoing-requests` become the
+deployment's autoscaling_config.
 Bad requests get a 4xx JSON body {"error": <code>, "detail": <what is wrong>}; the replica keeps serving.
 
 Batching: `@serve.batch` gathers up to max_batch_size requests (waiting at most batch_wait_ms after
@@ -56,9 +66,43 @@ INLINE_CODEC_BYTES = 256 * 1024  # uploads up to this size decode on the event l
 INLINE_CODEC_PIXELS = 256 * 256  # results up to this size encode on the event loop
 MAX_ONGOING_REQUESTS = 64  # per replica; must be >= max_batch_size (Serve's batching queue lives inside it)
 
+DEFAULT_MAX_MODELS_PER_REPLICA = 3  # serve.multiplexed's LRU size per replica
+METHODS = ("model", "telea", "navier_stokes", "biharmonic", "harmonic")  # `method` form field
+# Autoscaling defaults (used when --max-replicas > --min-replicas): Serve's own upscale delay,
+# and a downscale delay shorter than Serve's 600 s so an idle CPU box gives its cores back.
+DEFAULT_TARGET_ONGOING_REQUESTS = 4.0
+DEFAULT_UPSCALE_DELAY_S = 30.0
+DEFAULT_DOWNSCALE_DELAY_S = 120.0
+
 # InpaintError codes -> HTTP status. Anything not listed is a 400.
 STATUS = {"payload_too_large": 413, "too_many_pixels": 413, "not_an_image": 415, "unsupported_media_type": 415,
-          "length_required": 411}
+          "length_required": 411, "unknown_model": 404}
+
+
+def model_id_for(uri: str) -> str:
+    """The id a model URI is served under: models:/NAME/VERSION -> NAME-vVERSION, models:/NAME@ALIAS
+    -> NAME@ALIAS, runs:/ID/PATH -> ID, a folder or file -> its name."""
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):].strip("/")
+        if "@" in rest:
+            return rest
+        name, _, version = rest.partition("/")
+        return f"{name}-v{version}" if version else name
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/", 1)[0]
+    return Path(uri.rstrip("/")).name or uri
+
+
+def model_table(uris: list[str]) -> dict[str, str]:
+    """{id: uri}, in the given order (the first is the default); ids made unique with -2, -3..."""
+    out: dict[str, str] = {}
+    for uri in uris:
+        base = model_id_for(uri)
+        mid, n = base, 2
+        while mid in out:
+            mid, n = f"{base}-{n}", n + 1
+        out[mid] = uri
+    return out
 
 
 def error_response(code: str, detail: str, status: int | None = None) -> JSONResponse:
@@ -105,25 +149,61 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 class Inpainter:
     """One replica: the generator on its device, the limits, and the batching queue."""
 
-    def __init__(self, model_uri: str, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
+    def __init__(self, model_uri: str = "", max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
                  max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", threads: int = 0,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, models: dict[str, str] | None = None,
+                 max_models_per_replica: int = DEFAULT_MAX_MODELS_PER_REPLICA):
         import torch
 
-        from ce_ray.checkpoint import load_generator
         from ce_ray.step import resolve_device
 
         if tracking_uri:  # the replica is another process: it does not inherit the driver's mlflow.set_tracking_uri
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         if threads:
             torch.set_num_threads(threads)
-        self.loaded = load_generator(model_uri, resolve_device(device))
-        self.info = describe_model(model_uri, self.loaded)
+        self.models = dict(models) if models else model_table([model_uri])
+        self.default_model = next(iter(self.models))
+        self._device = resolve_device(device)
+        self.device = str(self._device)
+        self.max_models_per_replica = int(max_models_per_replica)
+        try:
+            # serve.multiplexed fixes its LRU size where the method is decorated; the wrapper it
+            # creates on first use is made here instead, with this app's size.
+            from ray.serve.multiplex import _ModelMultiplexWrapper
+
+            setattr(self, "__serve_multiplex_wrapper",
+                    _ModelMultiplexWrapper(type(self).get_model.__wrapped__, self, self.max_models_per_replica))
+        except (ImportError, AttributeError, TypeError):  # another Ray version: the decorator's default size
+            pass
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
-        self.device = str(resolve_device(device))
         self.page = (STATIC_DIR / "index.html").read_text()
         self.batching = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "batch_wait_ms": DEFAULT_BATCH_WAIT_MS}
         self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered (healthz)
+        # The default model loads now: a bad URI fails the deployment at start, not a request.
+        self._first = self._load_sync(self.default_model)
+        self.info = self._first[1]  # the default model's description (healthz)
+
+    def _load_sync(self, model_id: str):
+        from ce_ray.checkpoint import load_generator
+
+        loaded = load_generator(self.models[model_id], self._device)
+        return loaded, {"id": model_id, **describe_model(self.models[model_id], loaded)}
+
+    @serve.multiplexed(max_num_models_per_replica=DEFAULT_MAX_MODELS_PER_REPLICA)
+    async def get_model(self, model_id: str):
+        """(LoadedGenerator, description) of one served model, loaded on first use; the least
+        recently used one is dropped when this replica holds max_models_per_replica."""
+        if self._first is not None and self._first[1]["id"] == model_id:
+            first, self._first = self._first, None  # loaded in __init__: hand it to the LRU
+            return first
+        return await asyncio.to_thread(self._load_sync, model_id)
+
+    def loaded_models(self) -> list[str]:
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        loaded = list(wrapper.models) if wrapper is not None else []
+        if self._first is not None:
+            loaded.append(self._first[1]["id"])
+        return loaded
 
     def reconfigure(self, user_config: dict) -> None:
         """Called by Serve at start and whenever user_config changes (no restart)."""
@@ -140,15 +220,34 @@ class Inpainter:
         self.batching = {"max_batch_size": size, "batch_wait_ms": wait}
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000.0)
-    async def _inpaint_batch(self, plans: list) -> list[tuple[np.ndarray, int, float]]:
-        """Several requests' plans -> [(result, how many requests shared the batch, its model time in ms)]."""
+    async def _inpaint_batch(self, items: list) -> list[tuple[np.ndarray, int, float]]:
+        """Several requests' (model id, plan) -> [(result, how many requests shared its forward,
+        that forward's model time in ms)]. Requests for different models never share a forward:
+        Serve splits batches by the multiplexed-model header, and requests that chose their model
+        in the form are grouped here."""
         from ce_ray.inpaint import inpaint_many
 
-        # In a thread: the event loop keeps accepting (and decoding) the next requests meanwhile.
-        t = time.perf_counter()
-        results = await asyncio.to_thread(inpaint_many, self.loaded, plans)
-        ms = (time.perf_counter() - t) * 1e3
-        return [(r, len(plans), ms) for r in results]
+        groups: dict[str, list[int]] = {}
+        for i, (model_id, _) in enumerate(items):
+            groups.setdefault(model_id, []).append(i)
+        out: list = [None] * len(items)
+        for model_id, idx in groups.items():
+            loaded, _ = await self.get_model(model_id)
+            # In a thread: the event loop keeps accepting (and decoding) the next requests meanwhile.
+            t = time.perf_counter()
+            results = await asyncio.to_thread(inpaint_many, loaded, [items[i][1] for i in idx])
+            ms = (time.perf_counter() - t) * 1e3
+            for i, r in zip(idx, results):
+                out[i] = (r, len(idx), ms)
+        return out
+
+    def _model_id(self, request: Request, form_value: str | None) -> str | JSONResponse:
+        """The form's `model`, else Serve's multiplexed-model header, else the default."""
+        chosen = form_value or request.headers.get("serve_multiplexed_model_id") or serve.get_multiplexed_model_id() or self.default_model
+        if chosen not in self.models:
+            return JSONResponse({"error": "unknown_model", "detail": f"no model {chosen!r} here; GET /v1/models lists them",
+                                 "models": list(self.models)}, status_code=404)
+        return chosen
 
     async def _read_body(self, request: Request) -> bytes | JSONResponse:
         """The body, or a 413 without reading it when Content-Length is over the limit."""
@@ -186,6 +285,14 @@ class Inpainter:
             return error_response("bad_multipart", f"could not parse the multipart body: {getattr(e, 'detail', e)}")
         try:
             image_field, mask_field = form.get("image"), form.get("mask")
+            model_field, method = form.get("model"), form.get("method") or "model"
+            if not isinstance(model_field, (str, type(None))) or not isinstance(method, str):
+                return error_response("bad_field", "'model' and 'method' are text fields")
+            if method not in METHODS:
+                return error_response("bad_method", f"method {method!r} is not one of {', '.join(METHODS)}")
+            model_id = self._model_id(request, model_field)
+            if isinstance(model_id, Response):
+                return model_id
             if image_field is None or isinstance(image_field, str):
                 return error_response("missing_image", "no 'image' file in the form: upload the photo as the 'image' field")
             image_bytes = await image_field.read()
@@ -197,10 +304,12 @@ class Inpainter:
         finally:
             await form.close()
 
+        loaded, info = await self.get_model(model_id)  # its geometry plans the windows
+
         def decode_and_plan():
             rgb = image_rgb(read_image(image_bytes, self.max_pixels, "image"))
             hole = hole_from_image(read_image(mask_bytes, self.max_pixels, "mask"), rgb.shape[:2]) if mask_bytes is not None else None
-            return plan(self.loaded, rgb, hole)
+            return plan(loaded, rgb, hole)
 
         # Big images decode and encode in a thread so the event loop keeps feeding the batch queue;
         # small ones inline, where a thread hand-off would cost more than the work (~1 ms at 128x128).
@@ -211,7 +320,14 @@ class Inpainter:
         except InpaintError as e:
             return error_response(e.code, str(e))
         t1 = time.perf_counter()
-        out, batch, model_ms = await self._inpaint_batch(p)
+        if method == "model":
+            out, batch, model_ms = await self._inpaint_batch((model_id, p))
+        else:  # a classical fill of exactly the same hole: what the user would get without the model
+            from ce_ray.baselines import inpaint_image
+
+            t = time.perf_counter()
+            out = await asyncio.to_thread(inpaint_image, method, p.rgb, p.hole)
+            batch, model_ms = 1, (time.perf_counter() - t) * 1e3
         t2 = time.perf_counter()
         png = await asyncio.to_thread(encode_png, out) if big or out.size > 3 * INLINE_CODEC_PIXELS else encode_png(out)
         t3 = time.perf_counter()
@@ -219,20 +335,34 @@ class Inpainter:
         # together, and where the time went (Server-Timing: browsers' dev tools show it).
         timing = f"decode;dur={(t1 - t0) * 1e3:.1f}, batch;dur={(t2 - t1) * 1e3:.1f}, model;dur={model_ms:.1f}, encode;dur={(t3 - t2) * 1e3:.1f}"
         return Response(content=png, media_type="image/png",
-                        headers={"X-Ce-Ray-Windows": str(len(p.windows)), "X-Ce-Ray-Batch": str(batch), "Server-Timing": timing})
+                        headers={"X-Ce-Ray-Windows": str(len(p.windows)) if method == "model" else "0", "X-Ce-Ray-Batch": str(batch),
+                                 "X-Ce-Ray-Model": model_id if method == "model" else method, "Server-Timing": timing})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.info["name"], "version": self.info["version"], "replica": self.replica}
 
+    @api.get("/v1/models")
+    async def list_models(self) -> dict:
+        loaded = self.loaded_models()
+        return {"default": self.default_model, "max_models_per_replica": self.max_models_per_replica, "replica": self.replica,
+                "methods": list(METHODS),
+                "models": [{"id": mid, "uri": uri, "default": mid == self.default_model, "loaded_here": mid in loaded}
+                           for mid, uri in self.models.items()]}
+
     @api.get("/v1/model")
-    async def model(self) -> dict:
+    async def model(self, model: str | None = None) -> Response:
         from ce_ray import inpaint as I
 
-        return {**self.info, "device": self.device, "batching": self.batching,
+        mid = model or self.default_model
+        if mid not in self.models:
+            return JSONResponse({"error": "unknown_model", "detail": f"no model {mid!r} here; GET /v1/models lists them",
+                                 "models": list(self.models)}, status_code=404)
+        _, info = await self.get_model(mid)
+        return JSONResponse({**info, "device": self.device, "batching": self.batching,
                 "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
                            "max_hole_fraction": I.MAX_HOLE_FRACTION, "max_windows": I.MAX_WINDOWS,
-                           "max_downscale": I.MAX_DOWNSCALE}}
+                           "max_downscale": I.MAX_DOWNSCALE}})
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -249,13 +379,20 @@ def _gpus_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_app(model_uri: str, *, replicas: int = 1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+def build_app(model_uri: str | list[str], *, replicas: int = 1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
               max_pixels: int = DEFAULT_MAX_PIXELS, cpus_per_replica: float = 1.0, gpus_per_replica: float | None = None,
-              device: str = "auto", threads: int = 0, tracking_uri: str | None = None):
-    """The Serve application (pass to serve.run). gpus_per_replica None = 1 when the cluster (or,
-    before ray.init, this machine) has a GPU, else 0."""
-    if not model_uri:
+              device: str = "auto", threads: int = 0, tracking_uri: str | None = None,
+              max_models_per_replica: int = DEFAULT_MAX_MODELS_PER_REPLICA, min_replicas: int | None = None,
+              max_replicas: int | None = None, target_ongoing_requests: float = DEFAULT_TARGET_ONGOING_REQUESTS,
+              upscale_delay_s: float = DEFAULT_UPSCALE_DELAY_S, downscale_delay_s: float = DEFAULT_DOWNSCALE_DELAY_S,
+              look_back_period_s: float = 30.0):
+    """The Serve application (pass to serve.run). `model_uri`: one URI or several (the first is the
+    default; each request may choose another). gpus_per_replica None = 1 when the cluster (or,
+    before ray.init, this machine) has a GPU, else 0. min/max_replicas: autoscale between them
+    (target_ongoing_requests per replica) instead of a fixed `replicas`."""
+    uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
+    if not uris or not all(uris):
         raise UserError("no model: pass --model URI (or set CE_RAY_MODEL for `serve run ce_ray.serve:app`)")
     if replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {replicas}")
@@ -263,25 +400,59 @@ def build_app(model_uri: str, *, replicas: int = 1, max_batch_size: int = DEFAUL
         raise UserError(f"--max-batch-size must be in [1, {MAX_ONGOING_REQUESTS}], got {max_batch_size}")
     if batch_wait_ms < 0 or max_upload_mb <= 0 or max_pixels < 1:
         raise UserError("--batch-wait-ms must be >= 0, --max-upload-mb > 0 and --max-pixels >= 1")
+    if max_models_per_replica < 1:
+        raise UserError(f"--max-models-per-replica must be >= 1, got {max_models_per_replica}")
+    autoscaling = None
+    if min_replicas is not None or max_replicas is not None:
+        lo = replicas if min_replicas is None else min_replicas
+        hi = max(lo, replicas) if max_replicas is None else max_replicas
+        if lo < 0 or hi < 1 or hi < lo:
+            raise UserError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {lo} and {hi}")
+        if target_ongoing_requests <= 0:
+            raise UserError(f"--target-ongoing-requests must be > 0, got {target_ongoing_requests}")
+        autoscaling = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+                       "target_ongoing_requests": target_ongoing_requests,
+                       "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
+                       "look_back_period_s": look_back_period_s}
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if device != "cpu" and _gpus_available() else 0.0
-    if tracking_uri is None and model_uri.startswith(("models:/", "runs:/")):
+    if tracking_uri is None and any(u.startswith(("models:/", "runs:/")) for u in uris):
         from ce_ray import tracking
 
         tracking_uri = tracking.current_uri()  # the driver's (env var or default), made explicit for replicas
     actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
-    return Inpainter.options(num_replicas=replicas, ray_actor_options=actor,
-                             user_config={"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms}).bind(
-        model_uri=model_uri, max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
-        device=device, threads=threads, tracking_uri=tracking_uri)  # "auto" resolves in the replica: cuda iff it got a GPU
+    options: dict[str, Any] = {"ray_actor_options": actor,
+                               "user_config": {"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms}}
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    return Inpainter.options(**options).bind(
+        models=model_table(uris), max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+        device=device, threads=threads, tracking_uri=tracking_uri,  # "auto" resolves in the replica: cuda iff it got a GPU
+        max_models_per_replica=max_models_per_replica)
+
+
+def parse_models(models: list[str] | None, registry_models: str | None) -> list[str]:
+    """--model URI (repeatable) and --models name@alias,name/3,... -> URIs, in order."""
+    uris = list(models or [])
+    for item in (registry_models or "").split(","):
+        item = item.strip()
+        if item:
+            uris.append(item if item.startswith(("models:/", "runs:/")) else f"models:/{item}")
+    if not uris:
+        raise UserError("no model: pass --model URI (repeat it for several) or --models name@alias,name/version")
+    return uris
 
 
 def app_from_env():
     """`serve run ce_ray.serve:app` / cluster/serve.yaml: the app configured by environment variables
-    (CE_RAY_MODEL required; CE_RAY_MAX_UPLOAD_MB, CE_RAY_MAX_PIXELS, CE_RAY_DEVICE optional).
+    (CE_RAY_MODEL required: one URI or several, comma-separated; CE_RAY_MAX_UPLOAD_MB,
+    CE_RAY_MAX_PIXELS, CE_RAY_DEVICE optional).
     Replicas, resources and batching then come from the Serve config's deployment section."""
     env = os.environ
-    return build_app(env.get("CE_RAY_MODEL", ""), max_upload_mb=float(env.get("CE_RAY_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
+    uris = [u.strip() for u in env.get("CE_RAY_MODEL", "").split(",") if u.strip()]  # several: comma-separated
+    return build_app(uris or "", max_upload_mb=float(env.get("CE_RAY_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
                      max_pixels=int(env.get("CE_RAY_MAX_PIXELS", DEFAULT_MAX_PIXELS)), device=env.get("CE_RAY_DEVICE", "auto"),
                      gpus_per_replica=float(env["CE_RAY_GPUS"]) if "CE_RAY_GPUS" in env else None)
 
@@ -297,7 +468,17 @@ def __getattr__(name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias or runs:/id/path")
+    parser.add_argument("--model", action="append", default=None, metavar="URI",
+                        help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path or an exported file; "
+                             "repeat for several models behind one endpoint (the first is the default)")
+    parser.add_argument("--models", default=None, metavar="NAME@ALIAS,...",
+                        help="registered models to serve too, comma-separated: name@alias or name/version")
+    parser.add_argument("--max-models-per-replica", type=int, default=DEFAULT_MAX_MODELS_PER_REPLICA,
+                        help=f"models each replica keeps loaded (LRU; default {DEFAULT_MAX_MODELS_PER_REPLICA})")
+    parser.add_argument("--min-replicas", type=int, default=None, help="autoscale: at least this many replicas")
+    parser.add_argument("--max-replicas", type=int, default=None, help="autoscale: at most this many replicas")
+    parser.add_argument("--target-ongoing-requests", type=float, default=DEFAULT_TARGET_ONGOING_REQUESTS,
+                        help=f"autoscale: requests in flight per replica to aim for (default {DEFAULT_TARGET_ONGOING_REQUESTS:g})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--replicas", type=int, default=1)
@@ -324,8 +505,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     connected_here = not ray.is_initialized()
     # --address, else RAY_ADDRESS, else a private local cluster (never another one on this machine
     # by accident). Serve needs no dashboard; its HTTP proxy binds --host (loopback by default).
+    uris = parse_models(args.model, args.models)  # a missing model fails before Ray starts
     own_cluster = cluster.connect_ray(args.address, dashboard=False)
-    application = build_app(args.model, replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+    application = build_app(uris, replicas=args.replicas, max_models_per_replica=args.max_models_per_replica,
+                            min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                            target_ongoing_requests=args.target_ongoing_requests, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                             max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, cpus_per_replica=args.cpus_per_replica,
                             gpus_per_replica=args.gpus_per_replica, device=args.device, threads=args.threads)
     signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd / docker stop clean up like Ctrl-C
@@ -337,7 +521,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
         serve.run(application, name=APP_NAME, route_prefix="/", logging_config=quiet)
-        print(f"serving {args.model} at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+        print(f"serving {', '.join(uris)} at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

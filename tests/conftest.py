@@ -12,6 +12,10 @@ from ce_ray import cluster
 cluster.set_env_defaults()  # what production sets: one print per worker line, no watcher noise, prompt reports
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "120")  # a report/barrier hang fails instead
+# Serve's autoscaler sees load from metrics its replicas and handles push every 10 s by default;
+# the autoscaling test scales within seconds.
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 import pytest  # noqa: E402
 

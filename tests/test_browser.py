@@ -1,6 +1,7 @@
 """The web page in a real headless Chromium (Debian's package, driven by Playwright; the Makefile's
 `browser` target installs it): upload a photo, paint, undo, clear, change the brush, Inpaint, see
-the result, download it. The result must differ from the input only inside the painted area."""
+the result beside OpenCV's fill of the same hole (the comparison toggle), download it. The result
+must differ from the input only inside the painted area."""
 
 import base64
 import io
@@ -48,13 +49,16 @@ CAPTURE_FORM = f"""() => {{
   const b64 = {B64};
   const original = window.fetch;
   window.fetch = async (url, opts) => {{
+    let method = null;
     if (opts && opts.body instanceof FormData) {{
+      method = opts.body.get("method") || "model";
       const sent = {{}};
-      for (const [k, v] of opts.body.entries()) sent[k] = await b64(v);
-      window.__ceSent = sent;
+      for (const [k, v] of opts.body.entries()) sent[k] = typeof v === "string" ? btoa(v) : await b64(v);
+      window.__ceSent = Object.assign(window.__ceSent || {{}}, {{[method]: sent}});
+      window.__ceCalls = (window.__ceCalls || 0) + 1;
     }}
     const reply = await original(url, opts);
-    window.__ceReply = {{status: reply.status, body: await b64(await reply.clone().blob())}};
+    if (method) window.__ceReply = Object.assign(window.__ceReply || {{}}, {{[method]: {{status: reply.status, body: await b64(await reply.clone().blob())}}}});
     return reply;
   }};
 }}"""
@@ -112,9 +116,15 @@ def test_paint_inpaint_and_download_in_chromium(page_url, tmp_path):
             assert out_box["x"] >= in_box["x"] + in_box["width"] and abs(out_box["y"] - in_box["y"]) < 5
             assert not errors, errors
 
-            sent = {k: base64.b64decode(v) for k, v in page.evaluate("window.__ceSent").items()}
-            reply = page.evaluate("window.__ceReply")
-            assert reply["status"] == 200
+            page.wait_for_function("() => { const r = document.getElementById('compare-result'); return !r.hidden && r.naturalWidth > 0; }")
+            everything = page.evaluate("window.__ceSent")
+            assert set(everything) == {"model", "telea"}, "one request for the model, one for the comparison"
+            sent = {k: base64.b64decode(v) for k, v in everything["model"].items()}
+            reply = page.evaluate("window.__ceReply")["model"]
+            telea = page.evaluate("window.__ceReply")["telea"]
+            assert reply["status"] == 200 and telea["status"] == 200
+            assert base64.b64decode(everything["telea"]["mask"]) == sent["mask"], "the comparison fills the same hole"
+            assert sent["model"].decode() == page.evaluate("document.getElementById('model').value") != ""
             body = base64.b64decode(reply["body"])
             assert sent["image"] == (tmp_path / "cat.png").read_bytes(), "the page posts the photo as uploaded"
             mask = np.asarray(Image.open(io.BytesIO(sent["mask"])).convert("L"))
@@ -138,6 +148,22 @@ def test_paint_inpaint_and_download_in_chromium(page_url, tmp_path):
             assert result.shape == photo.shape
             assert np.array_equal(result[~hole], photo[~hole]), "outside the painted area nothing changes"
             assert (result[hole] != photo[hole]).any(-1).mean() > 0.5, "inside it the model painted"
+
+            # Beside it, OpenCV's fill of the same hole: same pixels outside, different inside.
+            c_box = page.locator("#compare-result").bounding_box()
+            assert c_box["x"] >= out_box["x"] + out_box["width"] - 1 or c_box["y"] >= out_box["y"] + out_box["height"] - 1
+            classical = np.asarray(Image.open(io.BytesIO(base64.b64decode(telea["body"]))).convert("RGB"))
+            assert np.array_equal(classical[~hole], photo[~hole])
+            assert (classical[hole] != result[hole]).any(-1).mean() > 0.2, "the comparison is another method's fill"
+            assert "Telea" in page.text_content("#compare-caption")
+            # The toggle hides the comparison, and the next Inpaint asks only for the model's fill.
+            page.click("#compare-on")
+            assert page.is_hidden("#compare-pane")
+            calls = page.evaluate("window.__ceCalls")
+            page.click("#inpaint")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')")
+            assert page.evaluate("window.__ceCalls") == calls + 1
+            assert not errors, errors
 
             with page.expect_download() as dl_info:
                 page.click("#download")
