@@ -319,17 +319,25 @@ def _requirements() -> list[str]:
             f"pyyaml=={yaml.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
+# What the registered pyfunc accepts (mlflow_model.py). An MLflow signature holds one input layout
+# and enforces it, so the signature declares the output and these forms live in the model's metadata.
+PYFUNC_INPUTS = {
+    "image": "(H, W, 3) uint8 RGB photo of any size -> (H, W, 3) uint8 with the centre region filled",
+    "image+mask": "{'image': (H, W, 3) uint8, 'mask': (H, W) white = hole} -> (H, W, 3) uint8",
+    "list": "a list of photos (arrays or encoded bytes) -> a list of (H, W, 3) uint8",
+    "dataframe": "columns 'image' (PNG/JPEG bytes, or base64 text in JSON) and optional 'mask' -> column 'image' of PNG bytes",
+    "crops": "(B, 3, S, S) float32 in [-1, 1] with the hole anywhere (filled by the model's own fill) -> the same shape, inpainted",
+}
+
+
 def _signature(cfg: C.Config):
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    s = cfg.data.fine_size
-    image = TensorSpec(np.dtype(np.float32), (-1, 3, s, s), name="image" if cfg.model.variant != "center" else None)
-    out = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, s, s))])
-    if cfg.model.variant == "center":  # the hole is always the centre: images only
-        return ModelSignature(inputs=Schema([image]), outputs=out)
-    return ModelSignature(inputs=Schema([image, TensorSpec(np.dtype(np.float32), (-1, 1, s, s), name="hole")]), outputs=out)
+    # Inputs: every form of PYFUNC_INPUTS (no single schema holds them; a declared one would be
+    # enforced and refuse the others). Output: an RGB image per input photo.
+    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3), name="image")]))
 
 
 def is_mlflow_uri(uri: str) -> bool:
@@ -412,6 +420,7 @@ def register_generator(handle: RunHandle, ckpt_dir: str | os.PathLike, cfg: C.Co
                 artifacts={"checkpoint": str(export)},
                 registered_model_name=cfg.mlflow.registered_model,
                 signature=_signature(cfg),
+                metadata={"inputs": PYFUNC_INPUTS, "fine_size": cfg.data.fine_size, "variant": cfg.model.variant},
                 pip_requirements=_requirements(),
             )
     version = info.registered_model_version
