@@ -9,6 +9,10 @@ Prints key=value lines, all measured in this one run on this machine:
   -> iter_train_batches), second epoch, so it includes one epoch start.
 - torch_img_per_s: ce_ray.local_data.LocalTrainStream (an IterableDataset + torch DataLoader with
   --loader-workers processes) over the same shards.
+- ray_img_per_s_per_core / loader_img_per_s_per_core / ray_vs_loader_per_core: crops per CPU-second
+  that each pipeline's whole process tree spent (target ratio >= 0.8); bytes_per_crop: what one
+  crop costs as delivered (uint8 crop + bit-packed hole); cores_per_gpu_needed: a GPU step's img/s
+  (--gpu-img-per-s, else estimated from FLOPs) / ray_img_per_s_per_core.
 - stall_ratio: GanStep (the real Context Encoder step, ce_ray/step.py) images/s fed by Ray Data /
   the same steps fed from in-memory tensors (target >= 0.90). The in-memory runs bracket the Ray
   run and are averaged, so drift from other load on the machine cancels out. The step uses
@@ -98,6 +102,21 @@ def _rss_pss_kb(pid: int) -> tuple[int, int]:
         return 0, 0  # the process ended between listing and reading
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, with reaped children) of a process and everything below it:
+    the cores a pipeline burned, whichever processes did the work."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
 def peak_memory(cmd: list[str]) -> tuple[float, float, str, int]:
     """Run cmd; return (peak summed RSS MiB, peak summed PSS MiB, its stdout, processes at the
     PSS peak)."""
@@ -141,16 +160,18 @@ def init_ray(cpus: int, object_store_mb: int, tmp: str) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def ray_epoch(ds, cfg) -> tuple[int, float, float]:
-    """(images, seconds, first-batch seconds) for one epoch through iter_train_batches."""
+def ray_epoch(ds, cfg) -> tuple[int, float, float, int]:
+    """(images, seconds, first-batch seconds, bytes per crop as delivered) for one epoch through
+    iter_train_batches."""
     from ce_ray.data import iter_train_batches
 
-    n, t0, first = 0, time.perf_counter(), None
-    for images, _ in iter_train_batches(ds.iterator(), cfg, "cpu"):
+    n, t0, first, per_crop = 0, time.perf_counter(), None, 0
+    for images, holes in iter_train_batches(ds.iterator(), cfg, "cpu"):
         if first is None:
             first = time.perf_counter() - t0
+            per_crop = (images.element_size() * images[0].numel() + holes.element_size() * holes[0].numel())
         n += len(images)
-    return n, time.perf_counter() - t0, first or 0.0
+    return n, time.perf_counter() - t0, first or 0.0, per_crop
 
 
 def rss_child(args) -> None:
@@ -162,14 +183,15 @@ def rss_child(args) -> None:
     ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
     n = secs = 0
     for _ in range(args.epochs):
-        ni, si, _ = ray_epoch(ds, cfg)
+        ni, si, _, _ = ray_epoch(ds, cfg)
         n, secs = n + ni, secs + si
     print(json.dumps({"images": n, "seconds": secs}))
 
 
 def bench_cfg(shards: str, batch: int, args) -> config.Config:
     return config.replace(config.Config(), data={"shards": shards, "batch_size": batch, "shuffle_buffer": args.shuffle_buffer,
-                                                "loader_workers": args.loader_workers}, train={"precision": args.precision})
+                                                "loader_workers": args.loader_workers, "repeat": getattr(args, "repeat", 1)},
+                          train={"precision": args.precision})
 
 
 def main() -> None:
@@ -191,6 +213,10 @@ def main() -> None:
     ap.add_argument("--read-ahead-mb", type=int, default=0, help="read-ahead cap override in MiB (0: ce_ray.data.read_ahead_bytes())")
     ap.add_argument("--object-store-mb", type=int, default=1024, help="object store of the memory runs (fixed so both cases get the same)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,stall,memory")
+    ap.add_argument("--repeat", type=int, default=1, help="data.repeat: crops cut per decoded photo")
+    ap.add_argument("--gpu-img-per-s", type=float, default=0.0, help="a GPU training step's img/s (bench/gpu_check.sh); 0: estimate it")
+    ap.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="the estimate's dense bf16 peak (H100 / H200 SXM)")
+    ap.add_argument("--assumed-mfu", type=float, default=0.35, help="the estimate's model-FLOP utilisation")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ray-tmp", default="", help=argparse.SUPPRESS)
@@ -230,16 +256,45 @@ def main() -> None:
     if "throughput" not in skip:
         cfg = bench_cfg(small, args.batch, args)
         ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
+        me = os.getpid()
         ray_epoch(ds, cfg)  # warm-up epoch: worker processes start and import torch
-        n, secs, first = ray_epoch(ds, cfg)
-        print(f"ray_img_per_s={n / secs:.1f}")
+        c0 = tree_cpu_seconds(me)
+        n, secs, first, per_crop = ray_epoch(ds, cfg)
+        ray_cpu = tree_cpu_seconds(me) - c0  # driver, raylet, GCS and every Ray worker: all below us
+        ray_rate = n / secs
+        print(f"ray_img_per_s={ray_rate:.1f}")
         print(f"ray_first_batch_s={first:.2f}")
+        print(f"ray_cpu_s={ray_cpu:.1f}")
         stream = LocalTrainStream(cfg)
         list(stream.epoch(0))  # warm-up, as above
-        t0 = time.perf_counter()
-        n = sum(len(i) for i, _ in stream.epoch(1))
-        print(f"torch_img_per_s={n / (time.perf_counter() - t0):.1f}")
+        t0, c0 = time.perf_counter(), tree_cpu_seconds(me)
+        n_l = sum(len(i) for i, _ in stream.epoch(1))
+        loader_secs, loader_cpu = time.perf_counter() - t0, tree_cpu_seconds(me) - c0
+        print(f"torch_img_per_s={n_l / loader_secs:.1f}")
         print(f"torch_loader_workers={args.loader_workers}")
+        print(f"loader_cpu_s={loader_cpu:.1f}")
+        # Per core: crops per CPU-second actually spent, whichever processes spent it. What a
+        # cluster must provision per GPU depends on this, not on one machine's wall clock.
+        ray_pc, loader_pc = n / max(ray_cpu, 1e-9), n_l / max(loader_cpu, 1e-9)
+        print(f"ray_img_per_s_per_core={ray_pc:.1f}")
+        print(f"loader_img_per_s_per_core={loader_pc:.1f}")
+        print(f"ray_vs_loader_per_core={ray_pc / loader_pc:.3f}")
+        s_ = cfg.data.fine_size
+        print(f"bytes_per_crop={per_crop}")
+        print(f"bytes_per_crop_float32_form={3 * s_ * s_ * 4 + s_ * s_ * 4}")
+        print(f"data_repeat={cfg.data.repeat}")
+        gpu = args.gpu_img_per_s
+        source = "measured (--gpu-img-per-s)"
+        if not gpu:
+            from ce_ray.model import build_discriminator, build_generator, conv_macs
+
+            g, d = conv_macs(build_generator(cfg.model), (3, s_, s_)), conv_macs(build_discriminator(cfg.model), (3, s_ // 2, s_ // 2))
+            gflop = 2 * (3 * g + 2 * 3 * d) / 1e9
+            gpu = args.assumed_mfu * args.gpu_peak_tflops * 1e3 / gflop
+            source = f"estimated: {args.assumed_mfu:.0%} of {args.gpu_peak_tflops:g} TFLOP/s bf16 / {gflop:.2f} GFLOP per image"
+        print(f"gpu_step_img_per_s={gpu:.0f}")
+        print(f"gpu_step_img_per_s_source={source.replace(' ', '_')}")
+        print(f"cores_per_gpu_needed={gpu / ray_pc:.0f}")
 
     if "stall" not in skip:
         from ce_ray.model import build_discriminator, build_generator

@@ -11,7 +11,10 @@ weights: timings do not depend on the weights. Each request is one PNG with the 
 numbers are about serving and batching; --image photo sends the bundled 451x300 photo (decode +
 PNG encode then cost about as much as the forward); or pass a path.
 The clients are Python threads in this process, on the same cores as the server: on a 2-core
-machine they compete with the replica for CPU, so these are conservative numbers.
+machine they compete with the replica for CPU, so these are conservative numbers. Beside the Serve
+apps, bench/plain_server.py (one uvicorn + FastAPI process, the same decode -> batched forward ->
+encode and batching knobs) is measured in the same run: serve_vs_plain_c{N}_latency and
+serve_vs_plain_c{N}_throughput are Serve's cost against that limit.
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ def main() -> int:
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica (and for the raw forward)")
     ap.add_argument("--cpus-per-replica", type=float, default=1.0)
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain uvicorn + FastAPI baseline (bench/plain_server.py)")
     args = ap.parse_args()
 
     import ray
@@ -201,6 +205,27 @@ def main() -> int:
         # Batching on and off as two apps side by side (one replica each, idle when not called), so
         # the two modes are measured in alternating halves under the same machine load.
         urls = {}
+        plain = None
+        if not args.no_plain:
+            # The same work in one plain uvicorn + FastAPI process, at the niceness Ray gives its
+            # workers (15), measured in the same run: the limit Serve's overhead is judged against.
+            import subprocess
+
+            pport = cluster.free_ports(1)[0]
+            plain = subprocess.Popen(["nice", "-n", "15", sys.executable, str(Path(__file__).with_name("plain_server.py")),
+                                      "--model", model, "--port", str(pport), "--max-batch-size", str(args.max_batch_size),
+                                      "--batch-wait-ms", str(args.batch_wait_ms), "--threads", str(args.threads)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            import requests
+
+            for _ in range(240):
+                try:
+                    if requests.get(f"http://127.0.0.1:{pport}/healthz", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.5)
+            urls["plain"] = f"http://127.0.0.1:{pport}/v1/inpaint"
+            load(urls["plain"], image, 4, 16)
         for mode, size in (("on", args.max_batch_size), ("off", 1)):
             serve.run(build_app(model, max_batch_size=size, batch_wait_ms=args.batch_wait_ms if size > 1 else 0.0,
                                 threads=args.threads, cpus_per_replica=args.cpus_per_replica),
@@ -210,8 +235,9 @@ def main() -> int:
         for c in levels:
             ray.get(raw.measure.remote(repeats=5))
             n = max(10, args.requests // 4) if c == 1 else args.requests
-            parts: dict[str, list[dict]] = {"on": [], "off": []}
-            for mode in ("on", "off", "on", "off"):
+            order = ("on", "off", "plain", "on", "off", "plain") if "plain" in urls else ("on", "off", "on", "off")
+            parts: dict[str, list[dict]] = {m: [] for m in order}
+            for mode in order:
                 parts[mode].append(load(urls[mode], image, c, n // 2))
             for mode, halves in parts.items():
                 r = merge(halves)
@@ -226,8 +252,12 @@ def main() -> int:
             r = merge([load(urls["on"], image, c, args.soak)])
             kv(**{f"soak_c{c}_{k}": v for k, v in r.items()})
         for mode in urls:
-            serve.delete(f"bench-{mode}")
+            if mode != "plain":
+                serve.delete(f"bench-{mode}")
     finally:
+        if plain is not None:
+            plain.terminate()
+            plain.wait(timeout=30)
         serve.shutdown()
         ray.shutdown()
 
@@ -245,6 +275,11 @@ def main() -> int:
     for c in levels:
         if c > 1 and ("on", c) in results and ("off", c) in results:
             kv(**{f"throughput_gain_batching_c{c}": results[("on", c)]["req_per_s"] / results[("off", c)]["req_per_s"]})
+    # Against the plain one-process server doing the same work (goals: latency <= 1.15x, throughput >= 0.9x).
+    for c in levels:
+        if ("plain", c) in results and ("on", c) in results:
+            kv(**{f"serve_vs_plain_c{c}_latency": results[("on", c)]["p50_ms"] / results[("plain", c)]["p50_ms"],
+                  f"serve_vs_plain_c{c}_throughput": results[("on", c)]["req_per_s"] / results[("plain", c)]["req_per_s"]})
     return 0
 
 

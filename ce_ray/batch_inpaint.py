@@ -1,5 +1,7 @@
-"""`ce-ray inpaint SRC --out DST` over many images: a Ray Data pipeline (or, with engine="local",
-one process) around the same any-size window planner as Serve (inpaint.py).
+"""`ce-ray inpaint SRC --out DST`: many images through Serve's window planner, on Ray Data.
+
+A Ray Data pipeline (or, with engine="local", one process) around the same any-size window
+planner as Serve (inpaint.py).
 
     list SRC (folder, glob, .txt list, s3:// / gs:// prefix; prepare.discover)
     -> read + decode + hole (CPU tasks)          a mask per image (--masks DIR), one mask for all

@@ -5,8 +5,10 @@ streaming Ray Data pipeline feeding any number of Ray Train workers through
 `get_dataset_shard("train")` (Train splits it with `streaming_split(world_size, equal=True)`):
 
     read_parquet(train/*.parquet, file order shuffled per epoch)   encoded JPEGs, ~6 MB a shard
-      -> map_batches(crops.train_batch)                          decode + crop + flip + hole
-      -> iter_torch_batches(local shuffle buffer, drop_last)       in the training worker
+      -> map_batches(crops.train_batch)                          decode + crop + flip + hole: uint8
+                                                                   crops, bit-packed holes (51 KB a crop)
+      -> iter_torch_batches(local shuffle buffer, drop_last)       in the training worker, onto its device
+      -> step.prepare_batch                                        [-1, 1] floats, channel shuffle, hole fill
 
 Nothing is materialised: blocks stream through the object store under Ray Data's backpressure, so
 memory stays flat however many shards there are (bench/data_pipeline.py measures it). The
@@ -72,8 +74,8 @@ def _read_parquet(files: list[str], num_cpus: float = DATA_TASK_CPUS, **kwargs) 
 
 
 def _train_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dict[str, np.ndarray]:
-    """map_batches body: {"image_bytes": (n,) object} -> {"image": (n*repeat, 3, S, S) float32,
-    "hole": (n*repeat, 1, S, S) float32} (+ "key" when asked, for tests)."""
+    """map_batches body: {"image_bytes": (n,) object} -> {"image": (n*repeat, 3, S, S) uint8,
+    "hole": (n*repeat, S*S/8) uint8 packed bits} (+ "key" when asked, for tests)."""
     # A fresh OS-entropy generator per call: crops and holes differ per task and per epoch
     # (each epoch re-executes the pipeline). Ray's task scheduling order is not deterministic,
     # so a fixed seed would not make training crops reproducible anyway; validation is.
@@ -99,8 +101,9 @@ def _val_map(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]
 
 def build_train_dataset(cfg: Config, *, with_keys: bool = False, cpus_per_task: float = DATA_TASK_CPUS,
                         max_tasks: int | None = None, read_ahead: int | None = None) -> "ray.data.Dataset":
-    """Streaming training crops from cfg.data.shards/train: rows {"image": (3, S, S) float32 in
-    [-1, 1], "hole": (1, S, S) float32 in {0, 1}}; cfg.data.repeat crops per photo per epoch.
+    """Streaming training crops from cfg.data.shards/train: rows {"image": (3, S, S) uint8 RGB,
+    "hole": (S*S/8,) uint8 packed bits} (crops.train_batch); cfg.data.repeat crops per photo per
+    epoch.
     The file order is reshuffled on every execution, i.e. every epoch; the trainer's local
     shuffle buffer (iter_train_batches) mixes crops across files. `with_keys` adds each crop's
     photo key (tests; iter_train_batches needs it off). `cpus_per_task` is the logical CPU share
@@ -139,14 +142,15 @@ def build_val_dataset(cfg: Config, *, with_keys: bool = False) -> "ray.data.Data
 
 def iter_train_batches(shard: "ray.data.DataIterator", cfg: Config, device: "str | torch.device" = "cpu",
                        *, prefetch_batches: int = PREFETCH_BATCHES) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """One epoch of (image (B, 3, S, S), hole (B, 1, S, S)) float32 tensors on `device` from a
-    Train dataset shard (or a Dataset), B = cfg.data.batch_size, incomplete batch dropped so every
-    rank steps the same number of times. Raises UserError when the epoch holds no full batch
-    (the loop would otherwise spin without ever stepping)."""
+    """One epoch of (image (B, 3, S, S) uint8, hole (B, S*S/8) uint8 packed bits) tensors on
+    `device` (crops.train_batch's compact form; step.prepare_batch converts it there) from a Train
+    dataset shard (or a Dataset), B = cfg.data.batch_size, incomplete batch dropped so every rank
+    steps the same number of times. Raises UserError when the epoch holds no full batch (the loop
+    would otherwise spin without ever stepping)."""
     import torch
 
     n = 0
-    for b in shard.iter_torch_batches(batch_size=cfg.data.batch_size, dtypes=torch.float32, device=device,
+    for b in shard.iter_torch_batches(batch_size=cfg.data.batch_size, dtypes={"image": torch.uint8, "hole": torch.uint8}, device=device,
                                       local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, drop_last=True,
                                       prefetch_batches=prefetch_batches):
         n += 1

@@ -1,5 +1,7 @@
-"""`ce-ray export`: a trained generator as ONNX or TorchScript with a dynamic batch axis, plus a JSON
-sidecar that says what it is (training config, step, metrics, the input/output contract). No Ray.
+"""`ce-ray export`: a trained generator as ONNX or TorchScript, with a JSON description beside it.
+
+The graph has a dynamic batch axis; the sidecar says what it is (training config, step,
+metrics, the input/output contract). No Ray.
 
 Contract of the exported graph (README "Export" shows the pre/post-processing in numpy):
     input  "context"     (B, 3, 128, 128) float32 in [-1, 1]: an RGB crop with its hole already

@@ -62,7 +62,8 @@ def _slices(files: list[str], counts: list[int], order: np.ndarray, a: int, b: i
 
 
 class _EpochCrops(IterableDataset):
-    """One epoch of one rank as single (image, hole) samples: (3, S, S) and (1, S, S) float32.
+    """One epoch of one rank as single (image, hole) samples: (3, S, S) uint8 and (S*S/8,) uint8
+    packed bits (crops.train_batch's compact form).
     Each DataLoader worker takes an equal contiguous part of the rank's rows."""
 
     def __init__(self, stream: "LocalTrainStream", epoch: int):
@@ -119,7 +120,7 @@ class LocalTrainStream:
         return out
 
     def _crops(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """(key, image (3,S,S), hole (1,S,S)) through a shuffle buffer of cfg.data.shuffle_buffer."""
+        """(key, image (3,S,S) uint8, hole (S*S/8,) packed) through a shuffle buffer of cfg.data.shuffle_buffer."""
         d = self.cfg.data
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         buf: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -141,7 +142,8 @@ class LocalTrainStream:
         yield from drain(0)
 
     def epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass: (image (B, 3, S, S) in [-1, 1], hole (B, 1, S, S) in {0, 1}) float32 batches."""
+        """One pass: (image (B, 3, S, S) uint8, hole (B, S*S/8) uint8 packed bits) batches, the
+        compact form step.prepare_batch converts on the training device."""
         d = self.cfg.data
         loader = DataLoader(_EpochCrops(self, e), batch_size=d.batch_size, drop_last=True, num_workers=d.loader_workers,
                             persistent_workers=False, prefetch_factor=2 if d.loader_workers else None)

@@ -71,6 +71,16 @@ def full_weights(hole: torch.Tensor, lambda_rec: float, overlap_weight: float) -
     return lambda_rec * (h + overlap_weight * (1.0 - h))
 
 
+def unpack_holes(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, S*S/8) uint8 packed bits (crops.pack_holes) -> (B, 1, S, S) float32 in {0, 1}, on the
+    packed tensor's device (a few element-wise ops: cheap on a GPU, no host round trip)."""
+    import torch
+
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)  # high bit first, as np.packbits
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (B, S*S/8, 8)
+    return bits.reshape(packed.shape[0], 1, size, size).float()
+
+
 FILLS = ("mean", "diffusion")  # MaskConfig.fill: what the generator sees in the hole
 
 

@@ -1,5 +1,6 @@
-"""The registered generator as an MLflow pyfunc model, logged as code ("models from code"): MLflow
-stores this file's source and the checkpoint directory, never a pickle.
+"""The registered generator as an MLflow pyfunc model for generic MLflow tools, logged as code.
+
+"Models from code": MLflow stores this file's source and the checkpoint directory, never a pickle.
 
 tracking.register_generator logs it with artifacts={"checkpoint": <exported checkpoint dir>}.
 Two ways to load a registered version:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ce_ray.config import Config, OptimConfig
 from ce_ray.errors import UserError
 from ce_ray.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
-from ce_ray.masks import center_box, center_weights, fill_hole, full_weights
+from ce_ray.masks import center_box, center_weights, fill_hole, full_weights, unpack_holes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,6 +47,27 @@ def make_optimizer(params, lr: float, betas: tuple[float, float], device: torch.
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
+def prepare_batch(images: torch.Tensor, holes: torch.Tensor, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on `device` as the step computes with it: images (B, 3, S, S) float32 in [-1, 1],
+    holes (B, 1, S, S) float32 in {0, 1}. Takes the compact form the data pipelines deliver
+    (uint8 RGB crops and bit-packed holes, crops.train_batch), moved to the device first so only
+    the small form crosses the bus, or tensors already in the step's form."""
+    images = images.to(device, non_blocking=True)
+    holes = holes.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().mul_(2.0 / 255.0).sub_(1.0)  # as crops.to_unit
+    if holes.dtype == torch.uint8 and holes.dim() == 2:
+        holes = unpack_holes(holes, size)
+    return images, holes.float()
+
+
+def shuffle_channels(images: torch.Tensor) -> torch.Tensor:
+    """Each image's RGB channels in a random order (one of the 6, uniformly; torch's RNG on the
+    images' device). images: (B, 3, H, W)."""
+    order = torch.rand(images.shape[0], images.shape[1], device=images.device).argsort(dim=1)  # (B, 3) permutations
+    return images.gather(1, order[:, :, None, None].expand_as(images))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -82,10 +103,11 @@ class GanStep:
         self.center_w = center_weights(size, m.overlap, cfg.loss.lambda_rec, m.overlap_weight).to(device)  # (64, 64)
 
     def inputs(self, images: torch.Tensor, holes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(context with the hole filled, target, loss weights) for a batch.
-        images: (B, 3, S, S) in [-1, 1]; holes: (B, 1, S, S) in {0, 1}."""
-        images = images.to(self.device, non_blocking=True)
-        holes = holes.to(self.device, non_blocking=True)
+        """(context with the hole filled, target, loss weights) for a training batch, in either
+        form prepare_batch takes; the channel shuffle (data.channel_shuffle) happens here too."""
+        images, holes = prepare_batch(images, holes, self.cfg.data.fine_size, self.device)
+        if self.cfg.data.channel_shuffle:
+            images = shuffle_channels(images)
         context = fill_hole(images, holes, self.cfg.mask.fill).contiguous(memory_format=self.memory_format)
         if self.cfg.model.variant == "center":
             lo, hi = self.center

@@ -28,8 +28,15 @@ def test_masks_arrive_as_configured(ray_session, bundled_shards, kind):
     # A DataIterator, as Train's get_dataset_shard returns.
     batches = list(data.iter_train_batches(data.build_train_dataset(cfg).iterator(), cfg, "cpu"))
     assert len(batches) == (9 * 4) // 8  # 36 crops, incomplete batch dropped
-    images = torch.cat([i for i, _ in batches])
-    holes = torch.cat([h for _, h in batches])
+    # The compact form crosses the object store: uint8 crops, bit-packed holes (51 KB a crop);
+    # the step expands it on the training device.
+    packed = [b for b in batches]
+    assert all(i.dtype == h.dtype == torch.uint8 and i.shape == (8, 3, 128, 128) and h.shape == (8, 128 * 128 // 8) for i, h in packed)
+    from ce_ray.step import prepare_batch
+
+    expanded = [prepare_batch(i, h, 128, torch.device("cpu")) for i, h in packed]
+    images = torch.cat([i for i, _ in expanded])
+    holes = torch.cat([h for _, h in expanded])
     assert images.shape == (32, 3, 128, 128) and holes.shape == (32, 1, 128, 128)
     assert images.dtype == holes.dtype == torch.float32 and images.min() >= -1 and images.max() <= 1
     assert set(holes.unique().tolist()) <= {0.0, 1.0}

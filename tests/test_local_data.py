@@ -20,7 +20,13 @@ def test_batches_shapes_ranges_and_count(bundled_shards):
     s = LocalTrainStream(cfg)
     batches = list(s.epoch(0))
     assert len(batches) == len(s) == (9 * 2) // 4  # 9 train photos x 2 crops, incomplete batch dropped
-    for image, hole in batches:
+    from ce_ray.step import prepare_batch
+
+    for packed_image, packed_hole in batches:
+        # The compact form the pipelines deliver: uint8 crops, one bit per hole pixel.
+        assert packed_image.shape == (4, 3, 128, 128) and packed_hole.shape == (4, 128 * 128 // 8)
+        assert packed_image.dtype == packed_hole.dtype == torch.uint8
+        image, hole = prepare_batch(packed_image, packed_hole, 128, torch.device("cpu"))
         assert image.shape == (4, 3, 128, 128) and hole.shape == (4, 1, 128, 128)
         assert image.dtype == hole.dtype == torch.float32
         assert image.min() >= -1 and image.max() <= 1
@@ -94,7 +100,7 @@ def test_scale_jitter_resizes_each_photo_within_its_range(monkeypatch):
     rng = np.random.default_rng(0)
 
     out = crops.train_batch([photo] * 40, C.from_dict({"data": {"repeat": 2, "scale_jitter": 0.4}}), rng)
-    assert out["image"].shape == (80, 3, 128, 128) and out["hole"].shape == (80, 1, 128, 128)
+    assert out["image"].shape == (80, 3, 128, 128) and out["hole"].shape == (80, 128 * 128 // 8)
     assert all(210 <= s <= 490 for s in sizes) and len(set(sizes)) > 20  # one draw per decoded photo
     assert min(sizes) < 300 < max(sizes)
 
@@ -103,17 +109,37 @@ def test_scale_jitter_resizes_each_photo_within_its_range(monkeypatch):
     assert sizes == [350] * 5  # the paper's fixed load size when off
 
 
-def test_channel_shuffle_permutes_each_crops_colours():
+def test_channel_shuffle_permutes_each_crops_colours_on_the_training_device():
+    import torch
+
     from ce_ray import config as C
     from ce_ray import crops
+    from ce_ray.step import prepare_batch, shuffle_channels
 
     rgb = np.zeros((200, 200, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 0, 128
     photo = crops.encode_png(rgb)
     rng = np.random.default_rng(0)
-    means = lambda out: {tuple(np.round(im.mean(axis=(1, 2)), 2)) for im in out["image"]}  # noqa: E731
-    plain = crops.train_batch([photo] * 4, C.from_dict({"data": {"load_size": 200, "repeat": 4}}), rng)
-    assert means(plain) == {(1.0, -1.0, 0.0)}  # [-1, 1] scale: 255, 0, 128 (128 -> 0.004)
-    shuffled = crops.train_batch([photo] * 8, C.from_dict({"data": {"load_size": 200, "repeat": 4, "channel_shuffle": True}}), rng)
-    orders = means(shuffled)
+    out = crops.train_batch([photo] * 8, C.from_dict({"data": {"load_size": 200, "repeat": 4}}), rng)
+    images, _ = prepare_batch(torch.from_numpy(out["image"]), torch.from_numpy(out["hole"]), 128, torch.device("cpu"))
+    means = lambda x: {tuple(np.round(im.mean(dim=(1, 2)).numpy(), 2)) for im in x}  # noqa: E731
+    assert means(images) == {(1.0, -1.0, 0.0)}  # [-1, 1] scale: 255, 0, 128 (128 -> 0.004)
+    torch.manual_seed(0)
+    orders = means(shuffle_channels(images))
     assert len(orders) == 6 and all(sorted(o) == [-1.0, 0.0, 1.0] for o in orders)  # all 6 orders in 32 crops
+
+def test_jpeg_draft_decodes_large_photos_at_a_fraction_never_below_the_target():
+    import io
+
+    from PIL import Image
+
+    from ce_ray import crops
+
+    big = np.random.default_rng(0).integers(0, 256, (1600, 2000, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", quality=90)
+    full = crops.decode(buf.getvalue())
+    small = crops.decode(buf.getvalue(), shorter_at_least=350)
+    assert full.shape == (1600, 2000, 3)
+    assert min(small.shape[:2]) >= 350 and small.shape[0] < 1600  # libjpeg scaled it down (here 1/4: 400x500)
+    assert crops.decode(buf.getvalue(), shorter_at_least=1000).shape == full.shape  # 1000/1600 > 1/2: no draft

@@ -139,3 +139,24 @@ def test_linear_lr_decay_holds_then_falls_to_zero_and_is_set_on_both_optimisers(
     stepper = GanStep(build_generator(cfg.model), build_discriminator(cfg.model, 128), cfg, torch.device("cpu"))
     stepper.set_lr_scale(0.5)
     assert stepper.lrs() == {"lr_g": pytest.approx(cfg.optim.lr_g / 2), "lr_d": pytest.approx(cfg.optim.lr_d / 2)}
+
+
+def test_compact_batches_expand_to_exactly_the_float_form():
+    import numpy as np
+
+    from ce_ray.config import MaskConfig
+    from ce_ray.crops import pack_holes, to_unit
+    from ce_ray.masks import holes_for
+    from ce_ray.step import prepare_batch
+
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    holes = holes_for(MaskConfig(kind="random_region"), 128, 5, rng)  # (5, 1, 128, 128) float32
+    chw = np.ascontiguousarray(u8.transpose(0, 3, 1, 2))
+    images, h = prepare_batch(torch.from_numpy(chw), torch.from_numpy(pack_holes(holes)), 128, torch.device("cpu"))
+    assert torch.equal(h, torch.from_numpy(holes))
+    assert torch.allclose(images, torch.from_numpy(np.stack([to_unit(x) for x in u8])), atol=1e-6)
+    # Already in the step's form: passed through.
+    f, hh = prepare_batch(images, h, 128, torch.device("cpu"))
+    assert torch.equal(f, images) and torch.equal(hh, h)
+    assert pack_holes(holes).nbytes * 32 == holes.nbytes and chw.nbytes * 4 == images.numpy().nbytes
