@@ -299,6 +299,9 @@ def test_rayservice_manifest_carries_a_valid_serve_config():
     assert k8s.applications[0].import_path == local.applications[0].import_path == "ce_ray.serve:app"
     assert k8s.applications[0].deployments[0].name == local.applications[0].deployments[0].name == "Inpainter"
     assert set(k8s.applications[0].deployments[0].user_config) == {"max_batch_size", "batch_wait_ms"}
+    for schema in (k8s, local):  # both autoscale, between the same bounds ce-ray serve's flags set
+        auto = schema.applications[0].deployments[0].autoscaling_config
+        assert auto["min_replicas"] == 1 and auto["max_replicas"] == 4 and auto["target_ongoing_requests"] == 4
 
 
 # --- A model from the MLflow registry ------------------------------------------------------------
