@@ -301,6 +301,7 @@ def test_rayservice_manifest_carries_a_valid_serve_config():
     assert set(k8s.applications[0].deployments[0].user_config) == {"max_batch_size", "batch_wait_ms"}
     for schema in (k8s, local):  # both autoscale, between the same bounds ce-ray serve's flags set
         auto = schema.applications[0].deployments[0].autoscaling_config
+        auto = auto if isinstance(auto, dict) else auto.dict()
         assert auto["min_replicas"] == 1 and auto["max_replicas"] == 4 and auto["target_ongoing_requests"] == 4
 
 
