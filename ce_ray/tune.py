@@ -41,6 +41,7 @@ from typing import Any, Callable
 os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
 
 from ray.tune import Callback  # noqa: E402  (a Ray-facing module: cli.py imports it only for `ce-ray tune`)
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from ce_ray import config as C  # noqa: E402
 from ce_ray import tracking  # noqa: E402
@@ -246,8 +247,37 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
     return out
 
 
+class LedgerASHA(ASHAScheduler):
+    """ASHA whose rungs survive a --resume.
+
+    Tune checkpoints its search algorithm but not its scheduler: a restored sweep gets the scheduler
+    as it was pickled when the sweep started, with empty rungs. Every trial after a resume was then
+    judged only against the trials that reached a rung after it, and a trial that had passed a rung
+    before the interruption was never counted, so a resumed sweep stopped far fewer trials (the
+    end-to-end test once saw none stopped). Each trial's ledger keeps every validated result
+    (step, value), and Tune re-adds every trial it restores, so on_trial_add records the ledger's
+    results into the trial's bracket as ASHA itself records them: at each rung, the trial's first
+    result at or past the rung's step. With several brackets (hyperband) a restored trial may land
+    in another bracket than before; its results are recorded there."""
+
+    def __init__(self, *, sweep_dir: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._sweep_dir = sweep_dir
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        p = ledger_path(Path(self._sweep_dir), trial.trial_id)
+        if not p.is_file():  # a new trial
+            return
+        results = sorted(json.loads(p.read_text()).get("checkpoints") or [], key=lambda e: e["step"])
+        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
+            first = next((e for e in results if e["step"] >= milestone), None)
+            if first is not None and trial.trial_id not in recorded:
+                recorded[trial.trial_id] = self._metric_op * float(first["value"])
+
+
 def make_scheduler(sweep: Sweep):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
 
     s = sweep.scheduler
     if s.type == "fifo":
@@ -255,8 +285,8 @@ def make_scheduler(sweep: Sweep):
     if s.type == "median":
         return MedianStoppingRule(time_attr=TIME_ATTR, grace_period=s.grace_period,
                                   min_samples_required=s.min_samples_required)
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=s.max_t, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor, brackets=s.brackets if s.type == "hyperband" else 1)
+    return LedgerASHA(sweep_dir=str(sweep.directory), time_attr=TIME_ATTR, max_t=s.max_t, grace_period=s.grace_period,
+                      reduction_factor=s.reduction_factor, brackets=s.brackets if s.type == "hyperband" else 1)
 
 
 def make_search(sweep: Sweep, max_concurrent: int) -> tuple[Any, int | None]:

@@ -282,3 +282,44 @@ def test_sweep_callback_survives_an_unreachable_store(tmp_path, capsys):
         assert json.loads((sweep.directory / "trials" / f"{tid}.json").read_text())["status"] == "stopped_early"
     err = capsys.readouterr().err
     assert err.count("warning: MLflow") == 1 and "store down" in err  # one warning, not one per failed write
+
+
+def test_a_resumed_asha_judges_newcomers_against_the_trials_before_the_interruption(tmp_path):
+    """Tune does not checkpoint its scheduler; LedgerASHA rebuilds the rungs from the ledgers when
+    Tune re-adds the restored trials, so a trial after a --resume is compared with all the trials
+    that reached the rung, not only with those after it."""
+    import pickle
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from ce_ray import tune as T
+
+    sweep = S.load_sweep(ROOT / "tune_configs" / "sweep_smoke.yaml", [f"scale.storage_path={tmp_path / 'ray'}"])
+    assert (sweep.scheduler.grace_period, sweep.scheduler.reduction_factor) == (3, 3)
+    ledgers = {"a": [(3, 0.010), (6, 0.008)], "b": [(3, 0.020)], "c": [(3, 0.030)], "d": []}  # d: interrupted before step 3
+    for tid, results in ledgers.items():
+        p = S.ledger_path(sweep.directory, tid)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"trial_id": tid, "checkpoints": [{"step": s, "value": v, "checkpoint": "x"} for s, v in results]}))
+
+    def restored_scheduler():
+        sched = pickle.loads(pickle.dumps(T.make_scheduler(sweep)))  # what tuner.pkl gives back on resume
+        assert sched.set_search_properties(sweep.metric, sweep.mode)
+        for tid in ledgers:
+            sched.on_trial_add(None, _Trial(tid, {}))
+        return sched
+
+    sched = restored_scheduler()
+    # The restored rung holds a, b, c; its cutoff (best third, lower is better) lies between a and b.
+    rung = dict(sched._trial_info["a"]._rungs)[3]
+    assert rung == {"a": -0.010, "b": -0.020, "c": -0.030}
+    assert sched.on_trial_result(None, _Trial("d", {}), {"step": 3, "val_l2": 0.025}) == TrialScheduler.STOP
+    sched.on_trial_add(None, _Trial("e", {}))  # a new trial after the resume: no ledger yet
+    assert sched.on_trial_result(None, _Trial("e", {}), {"step": 3, "val_l2": 0.005}) == TrialScheduler.CONTINUE
+    # A restored trial that passed the rung before the interruption is not judged again there.
+    assert sched.on_trial_result(None, _Trial("c", {}), {"step": 4, "val_l2": 0.5}) == TrialScheduler.CONTINUE
+    # Without the ledgers (plain ASHA after a resume) d would have been the rung's first result: never stopped.
+    plain = T.ASHAScheduler(time_attr=T.TIME_ATTR, max_t=6, grace_period=3, reduction_factor=3)
+    plain.set_search_properties(sweep.metric, sweep.mode)
+    plain.on_trial_add(None, _Trial("d", {}))
+    assert plain.on_trial_result(None, _Trial("d", {}), {"step": 3, "val_l2": 0.025}) == TrialScheduler.CONTINUE
