@@ -32,7 +32,7 @@ corpus: install
 	$(BIN)/ce-ray corpus fetch --out outputs/corpus
 
 test: install browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/train_step.py --device cpu --batch 64 --iters 5
