@@ -16,13 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+# Module level, not inside build(): with postponed annotations FastAPI resolves `request: Request`
+# in this module's globals, and a name imported inside build() made it a required query parameter.
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build(model: str, max_batch_size: int, batch_wait_ms: float, threads: int):
     import torch
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
 
     from ce_ray.checkpoint import load_generator
     from ce_ray.errors import InpaintError

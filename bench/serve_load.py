@@ -145,7 +145,7 @@ def merge(parts: list[dict]) -> dict[str, float]:
     lat = [x for p in parts for x in p["lat"]]
     batches = [x for p in parts for x in p["batches"]]
     ms = np.array(lat) * 1e3 if lat else np.array([float("nan")])
-    server = [x for p in parts for x in p["server"]]
+    server = [x for p in parts for x in p["server"] if x]  # the plain server sends no Server-Timing
     out = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
            "req_per_s": len(lat) / sum(p["wall"] for p in parts), "errors": sum(p["errors"] for p in parts),
            "mean_batch": float(np.mean(batches)) if batches else 0.0, "requests": sum(p["n"] for p in parts)}
@@ -225,7 +225,10 @@ def main() -> int:
                 except requests.RequestException:
                     time.sleep(0.5)
             urls["plain"] = f"http://127.0.0.1:{pport}/v1/inpaint"
-            load(urls["plain"], image, 4, 16)
+            warm = load(urls["plain"], image, 4, 16)
+            if warm["errors"]:
+                raise SystemExit(f"bench/plain_server.py answered {warm['errors']:.0f} of 16 warm-up requests with errors; "
+                                 f"run it by hand to see why: {' '.join(plain.args)}")
         for mode, size in (("on", args.max_batch_size), ("off", 1)):
             serve.run(build_app(model, max_batch_size=size, batch_wait_ms=args.batch_wait_ms if size > 1 else 0.0,
                                 threads=args.threads, cpus_per_replica=args.cpus_per_replica),
