@@ -21,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kvlines import emit_lines  # noqa: E402
+
 import ce_ray.config as C  # noqa: E402
 from ce_ray.masks import center_hole  # noqa: E402
 from ce_ray.model import build_discriminator, build_generator  # noqa: E402
@@ -76,11 +78,7 @@ def main() -> None:
                  f"ddp_steps={args.steps}", f"ddp_first_step_s={times[0]:.3f}",
                  f"ddp_img_per_s={args.batch * world * (len(times) - 1) / max(sum(times[1:]), 1e-9):.1f}" if len(times) > 1 else "ddp_img_per_s=nan",
                  f"ddp_loss_g={float(m['loss_g']):.4f}", f"ddp_weights_equal_across_ranks={same}"]
-        for line in lines:
-            print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write("\n".join(lines) + "\n")
+        emit_lines(lines, args.out)
     dist.destroy_process_group()
 
 

@@ -18,6 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kvlines import emit_lines  # noqa: E402
+
 
 def jpegs(shards: str | None, n: int) -> list[bytes]:
     if shards:
@@ -78,11 +80,7 @@ def main() -> None:
         rate = len(tensors) / (time.perf_counter() - t0)
         lines.append(f"torchvision_decode_{dev}_img_per_s={rate:.1f}")
         lines.append(f"torchvision_decode_{dev}_vs_pil_core={rate / pil:.1f}")
-    for line in lines:
-        print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    emit_lines(lines, args.out)
 
 
 if __name__ == "__main__":

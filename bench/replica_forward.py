@@ -19,6 +19,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kvlines import emit_lines  # noqa: E402
+
 import ce_ray.config as C  # noqa: E402
 from ce_ray import inpaint  # noqa: E402
 from ce_ray.checkpoint import LoadedGenerator  # noqa: E402
@@ -59,11 +61,7 @@ def main() -> None:
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / args.iters
         lines += [f"replica_batch{b}_ms={1000 * dt:.2f}", f"replica_batch{b}_img_per_s={b / dt:.1f}"]
-    for line in lines:
-        print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    emit_lines(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kvlines import emit_lines  # noqa: E402
+
 import ce_ray.config as C  # noqa: E402
 from ce_ray.masks import center_hole, center_weights, fill_hole  # noqa: E402
 from ce_ray.model import Discriminator, Generator, build_discriminator, build_generator, conv_macs, count_params, init_weights  # noqa: E402
@@ -96,17 +98,13 @@ def bf16_matmul_peak(device: torch.device, n: int = 2048, iters: int = 20) -> fl
 
 
 class Emit:
-    """key=value lines to stdout and, with --out, appended to a file."""
+    """key=value lines as they are measured (bench.kvlines: stdout and, with --out, a file)."""
 
     def __init__(self, path: str | None):
         self.path = path
 
     def __call__(self, key: str, value) -> None:
-        line = f"{key}={value}"
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+        emit_lines([f"{key}={value}"], self.path)
 
 
 def main() -> None:
