@@ -18,7 +18,6 @@ the others; the command fails only when nothing succeeded.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -32,7 +31,7 @@ import numpy as np
 
 from ce_ray.errors import UserError
 from ce_ray.fsutil import exists as _exists
-from ce_ray.fsutil import is_uri
+from ce_ray.fsutil import is_uri, read_bytes, write_bytes
 
 MANIFEST = "inpaint_manifest.json"
 MASK_KINDS = ("center", "random_block", "random_region")
@@ -51,29 +50,6 @@ class Item:
 
 def _join(root: str, rel: str) -> str:
     return posixpath.join(root.rstrip("/"), rel) if is_uri(root) else os.path.join(root, rel)
-
-
-def _read(path: str) -> bytes:
-    if is_uri(path):
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _write(path: str, data: bytes) -> None:
-    """Atomic: a temp name beside the target, then a rename (local) / one PUT (object stores)."""
-    if is_uri(path):
-        import fsspec
-
-        with fsspec.open(path, "wb") as f:
-            f.write(data)
-        return
-    from ce_ray.fsutil import write_atomic
-
-    write_atomic(path, data)
 
 
 def output_name(key: str) -> str:
@@ -154,10 +130,10 @@ def load_stage(item: Item, geo, mask_kind: str | None, max_pixels: int) -> dict[
 
     row: dict[str, Any] = {"key": item.key, "src": item.src, "dst": item.dst, "rgb": b"", "h": 0, "w": 0, "hole": b"", "error": ""}
     try:
-        rgb = inpaint.image_rgb(inpaint.read_image(_read(item.src), max_pixels=max_pixels))
+        rgb = inpaint.image_rgb(inpaint.read_image(read_bytes(item.src), max_pixels=max_pixels))
         h, w = rgb.shape[:2]
         if item.mask is not None:
-            hole = hole_from_image(inpaint.read_image(_read(item.mask), what="mask"), (h, w))
+            hole = hole_from_image(inpaint.read_image(read_bytes(item.mask), what="mask"), (h, w))
         elif mask_kind is not None:
             hole = generated_hole(mask_kind, item.key, h, w, geo)
         else:
@@ -209,7 +185,7 @@ def write_stage(row: dict[str, Any]) -> dict[str, Any]:
     if not row["error"]:
         try:
             rgb, _ = _unpack(row)
-            _write(row["dst"], inpaint.encode_png(rgb))
+            write_bytes(row["dst"], inpaint.encode_png(rgb))
         except Exception as e:
             out["error"] = f"cannot write {row['dst']}: {type(e).__name__}: {e}"
     return out
@@ -354,7 +330,7 @@ def run(src: str, model: str, dst: str, *, mask: str | None = None, masks_dir: s
                 "mask": mask, "masks": masks_dir, "mask_kind": mask_kind or ("center" if not (mask or masks_dir) else None),
                 "engine": engine, "replicas": replicas, "done": sorted(done), "skipped_existing": skipped,
                 "failed": sorted(failed, key=lambda f: f["key"]), "seconds": round(seconds, 2)}
-    _write(_join(dst, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes(_join(dst, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     log(f"inpaint: {len(done)} written, {skipped} skipped (already there), {len(failed)} failed "
         f"in {seconds:.1f} s; details in {_join(dst, MANIFEST)}")
     if not done and not skipped:

@@ -60,6 +60,17 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
 
 
+def read_bytes(path: str) -> bytes:
+    """A whole file, local path or URI (fsspec)."""
+    if is_uri(path):
+        import fsspec  # lazy: only remote paths need it
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    with open(local_path(path), "rb") as f:
+        return f.read()
+
+
 # --- Atomic writes -------------------------------------------------------------------------------
 
 
@@ -76,6 +87,18 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """A whole file, local path or URI, never seen half-written: write_atomic locally; on an object
+    store one PUT, which stores the object whole or not at all."""
+    if is_uri(path):
+        import fsspec
+
+        with fsspec.open(path, "wb") as f:
+            f.write(data)
+        return
+    write_atomic(local_path(path), data)
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

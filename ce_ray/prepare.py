@@ -43,7 +43,7 @@ from ce_ray import shards
 from ce_ray.config import FINE_SIZE, LOAD_SIZE
 from ce_ray.crops import resize_shorter
 from ce_ray.errors import UserError
-from ce_ray.fsutil import is_uri, local_path, replace_dir
+from ce_ray.fsutil import is_uri, local_path, read_bytes, replace_dir
 from ce_ray.shards import IMAGE_COLUMN, KEY_COLUMN, SHARD_SCHEMA
 
 # Pillow's own default limit (~89.5 MP, e.g. 9459x9459). Larger photos are rejected as possible
@@ -172,22 +172,12 @@ def ingest_bytes(data: bytes, opts: Options) -> tuple[bytes, int, int]:
     return buf.getvalue(), rgb.shape[1], rgb.shape[0]
 
 
-def _read(path: str) -> bytes:
-    if is_uri(path):
-        import fsspec  # lazy: only remote sources need it
-
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(local_path(path), "rb") as f:
-        return f.read()
-
-
 def ingest_file(src: SourceFile, opts: Options) -> dict[str, Any]:
     """One input file -> a result row (schema _RESULT_SCHEMA): a shard row, or image_bytes None
     and the reason it was skipped. Never raises for anything the file contains."""
     row: dict[str, Any] = {KEY_COLUMN: src.key, IMAGE_COLUMN: None, "source": src.path, "width": None, "height": None, "reason": None}
     try:
-        data = _read(src.path)
+        data = read_bytes(src.path)
     except OSError as e:
         row["reason"] = f"cannot read: {e.strerror or e}"
         return row
@@ -227,7 +217,7 @@ def _rel_key(path: str, root: str) -> str:
 
 def _read_list(list_path: str, remote: bool) -> Iterator[str]:
     """Entries of a .txt list: one path or URL per line; blank lines and '#' comments ignored."""
-    text = _read(list_path).decode("utf-8", errors="replace") if remote else Path(list_path).read_text(errors="replace")
+    text = read_bytes(list_path).decode("utf-8", errors="replace") if remote else Path(list_path).read_text(errors="replace")
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
