@@ -480,6 +480,12 @@ def ledger_path(sweep_dir: Path, trial_id: str) -> Path:
     return Path(sweep_dir) / TRIALS_DIR / f"{trial_id}.json"
 
 
+def read_ledger(sweep_dir: Path, trial_id: str) -> dict | None:
+    """One trial's ledger, or None if the trial has none yet (a new trial)."""
+    p = ledger_path(sweep_dir, trial_id)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def read_ledgers(sweep_dir: Path) -> list[dict]:
     d = Path(sweep_dir) / TRIALS_DIR
     return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []

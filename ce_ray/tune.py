@@ -48,7 +48,7 @@ from ce_ray import tracking  # noqa: E402
 from ce_ray.errors import UserError  # noqa: E402
 from ce_ray.fsutil import is_uri, write_atomic  # noqa: E402
 from ce_ray.sweep import (ENDED, RANKING_FILE, RUNS_DIR, STATE_FILE, TRIAL_DRIVER_CPU, Sweep, columns_for, format_table,  # noqa: E402
-                          ledger_path, load_sweep, plan_concurrency, read_ledgers, run_name_for, trial_config, write_ranking)
+                          ledger_path, load_sweep, plan_concurrency, read_ledger, read_ledgers, run_name_for, trial_config, write_ranking)
 
 # The schedulers' clock: the optimiser step every report carries (sweep.py says why not Tune's
 # training_iteration).
@@ -93,9 +93,9 @@ class SweepCallback(Callback):
 
     # ledgers
     def _load(self, trial) -> dict:
-        p = ledger_path(self.sweep_dir, trial.trial_id)
-        if p.is_file():
-            return json.loads(p.read_text())
+        ledger = read_ledger(Path(self.sweep_dir), trial.trial_id)
+        if ledger is not None:
+            return ledger
         cfg = trial_config(self.base, dict(trial.config), self.ties)
         return {"trial_id": trial.trial_id, "run_name": run_name_for(self.sweep_name, trial.trial_id),
                 "params": {k: _get(cfg, k) for k in self.keys}, "steps": cfg.train.steps, "starts": 0, "status": "pending",
@@ -266,10 +266,10 @@ class LedgerASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        p = ledger_path(Path(self._sweep_dir), trial.trial_id)
-        if not p.is_file():  # a new trial
+        ledger = read_ledger(Path(self._sweep_dir), trial.trial_id)
+        if ledger is None:  # a new trial
             return
-        results = sorted(json.loads(p.read_text()).get("checkpoints") or [], key=lambda e: e["step"])
+        results = sorted(ledger.get("checkpoints") or [], key=lambda e: e["step"])
         for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
             first = next((e for e in results if e["step"] >= milestone), None)
             if first is not None and trial.trial_id not in recorded:
