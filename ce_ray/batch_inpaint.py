@@ -164,7 +164,7 @@ def inpaint_rows(loaded, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     plans = []
     for r in ok:
         rgb, hole = _unpack(r)
-        plans.append(inpaint.Plan(rgb, hole, inpaint.Geometry.of(loaded.config)))
+        plans.append(inpaint.make_plan(rgb, hole, loaded.config))
     if plans:
         try:
             results = inpaint.inpaint_many(loaded, plans)

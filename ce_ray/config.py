@@ -54,22 +54,61 @@ class DataConfig:
     loader_workers: int = 0  # DataLoader processes in the no-Ray local trainer
 
 
+# mask.kind=strokes draws each hole from a mixture of these: LaMa's three painted-stroke families
+# (strokes.FAMILIES) and the paper's own free-form holes.
+MASK_FAMILIES = ("thin", "medium", "thick", "random_region", "random_block")
+
+
+def parse_families(text: str) -> dict[str, float]:
+    """`mask.families`: "thin,medium,thick" (equal shares) or "thin:2,thick:1,random_region:0.5"
+    -> {family: probability} summing to 1. Raises ValueError naming what is wrong."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        if name not in MASK_FAMILIES:
+            raise ValueError(f"unknown mask family {name!r}; use {', '.join(MASK_FAMILIES)} (optionally name:weight)")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"mask family {name!r}: weight {weight!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"mask family {name!r}: the weight must be a number > 0, got {weight}")
+        out[name] = out.get(name, 0.0) + value
+    if not out:
+        raise ValueError("no mask family given; e.g. thin,medium,thick")
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
+
+
 @dataclass(frozen=True)
 class MaskConfig:
     """Which hole the model learns to fill: centre (train.lua), random block (paper §3.3), random
-    region (train_random.lua)."""
+    region (train_random.lua), or painted strokes (LaMa's families; not in the paper)."""
 
-    kind: Literal["center", "random_block", "random_region"] = "center"
+    kind: Literal["center", "random_block", "random_region", "strokes"] = "center"
     overlap: int = OVERLAP_PRED  # visible ring that is still predicted (centre only)
     overlap_weight: float = OVERLAP_WEIGHT_MULT
     max_coverage: float = 0.25  # random block: blocks cover at most this fraction (paper §3.3)
     num_blocks: int = 5  # random block: up to this many, possibly overlapping
     region_min: float = 0.20  # random region: resample until coverage is in [min, max]
     region_max: float = 0.30  # (train_random.lua)
+    # kind=strokes (not in the paper): the mixture each hole is drawn from, "family[:weight],...":
+    # LaMa's thin / medium / thick stroke families (strokes.py, docs/masks.md), scaled with the
+    # crop, and the paper's random_region / random_block.
+    families: str = "thin,medium,thick"
     # What the generator sees in the hole. "mean": train.lua's mean pixel. "diffusion" (not in the
     # paper): the exact harmonic fill (masks.diffusion_fill), so the network starts from a smooth
     # classical fill and learns what diffusion cannot do.
     fill: Literal["mean", "diffusion"] = "mean"
+    # Training only, fill=diffusion with a different hole per crop: V-cycles of the batched
+    # multigrid solver (harmonic.py) after its full-multigrid start, a fixed count so the step
+    # never waits on the host. 0 (the start alone) is within 0.3/255 of the exact fill on average
+    # over hole pixels; each cycle divides the error by ~3 (README "The fill", measured).
+    # Inference and evaluation always solve to within 1/255 of the exact fill.
+    fill_cycles: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +129,12 @@ class ModelConfig:
     # fill plus the visible ring) plus a learned correction, with the last layer zero-initialised,
     # so an untrained generator returns its input's fill exactly (pair with mask.fill=diffusion).
     residual: bool = False
+    # Not in the paper, off by default: the hole as a 4th input channel (+1 hole, -1 known), so a
+    # free-form hole that the fill made smooth is still visible to the network.
+    mask_input: bool = False
+    # Not in the paper, off by default: U-Net skip connections from each encoder level to the
+    # decoder level of the same size (detail around thin holes bypasses the 4x4 bottleneck).
+    skips: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,10 +287,17 @@ def _check(cfg: Config) -> None:
     need(d.load_size * (1 - d.scale_jitter) >= d.fine_size, "data.scale_jitter",
          f"load_size * (1 - scale_jitter) must stay >= fine_size ({d.fine_size}); lower it")
     need(0 <= m.overlap < d.fine_size // 4, "mask.overlap", f"must be in [0, {d.fine_size // 4})")
-    need(m.overlap_weight > 0, "mask.overlap_weight", "must be > 0")
+    need(m.overlap_weight > 0 or (m.overlap_weight == 0 and mo.variant == "full"), "mask.overlap_weight",
+         "must be > 0 (0, the loss on the hole alone, is for model.variant=full)")
+    need(m.fill_cycles >= 0, "mask.fill_cycles", "must be >= 0")
     need(0 < m.max_coverage <= 0.5, "mask.max_coverage", "must be in (0, 0.5]")
     need(m.num_blocks >= 1, "mask.num_blocks", "must be >= 1")
     need(0 < m.region_min < m.region_max < 1, "mask.region_min", "need 0 < region_min < region_max < 1")
+    if m.kind == "strokes":
+        try:
+            parse_families(m.families)
+        except ValueError as e:
+            need(False, "mask.families", str(e))
     if mo.variant == "center":
         need(m.kind == "center", "mask.kind", "model.variant 'center' only fills the centre hole; use model.variant=full for random masks")
     need(mo.bottleneck >= 1, "model.bottleneck", "must be >= 1")

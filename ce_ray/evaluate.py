@@ -42,7 +42,8 @@ from ce_ray.shards import IMAGE_COLUMN, has_manifest
 
 REPORT_FORMAT = "ce-ray-eval/1"
 MODEL = "model"  # method name of the evaluated checkpoint
-MASK_KINDS = ("center", "random_block", "random_region")
+MASK_KINDS = ("center", "random_block", "random_region", "thin", "medium", "thick")  # the last three: strokes.FAMILIES
+STROKE_FAMILIES = ("thin", "medium", "thick")
 METRICS = ("l1", "l2", "psnr", "ssim")
 DEFAULT_MAX_TILES = 512  # every method costs ~50 ms of CPU per tile: ~25 s at the cap; the 12 bundled photos give 90 tiles
 DEFAULT_SAMPLE_TILES = 8  # rows in each picture grid
@@ -187,7 +188,7 @@ def _model_fn(loaded, device: torch.device) -> Callable[[np.ndarray, np.ndarray]
     G = loaded.model.to(device)
 
     def run(images: np.ndarray, holes: np.ndarray) -> np.ndarray:
-        out = predict(G, torch.from_numpy(images).to(device), torch.from_numpy(holes).to(device), cfg.model.variant, cfg.data.fine_size, cfg.mask.fill)
+        out = predict(G, torch.from_numpy(images).to(device), torch.from_numpy(holes).to(device), cfg)
         return out.cpu().numpy()
 
     return run
@@ -245,7 +246,10 @@ def evaluate(model_uri: str | None, data: str, *, out_dir: str | os.PathLike = D
 
     # The model's own hole settings (centre overlap, region coverage...) when there is a model.
     base = loaded.config if loaded else Config()
-    mask = dataclasses.replace(base.mask, kind=mask_kind)
+    if mask_kind in STROKE_FAMILIES:  # one LaMa family, scaled to the tile (strokes.py)
+        mask = dataclasses.replace(base.mask, kind="strokes", families=mask_kind)
+    else:
+        mask = dataclasses.replace(base.mask, kind=mask_kind)
     tiles = load_tiles(data, mask, max_tiles=max_tiles, load_size=base.data.load_size, fine_size=base.data.fine_size)
     n = len(tiles.images)
     log(f"evaluating {n} tiles from {tiles.photos} photos ({tiles.source}) with {mask_kind} holes: "
@@ -459,7 +463,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, metavar="SRC",
                         help="shards from `ce-ray prepare` (its val split is scored), or any photos prepare reads: folder, glob, .txt list, URI, 'bundled'")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
-    parser.add_argument("--mask", default="center", choices=MASK_KINDS, help="hole per tile (default center, as in training)")
+    parser.add_argument("--protocol", default="tiles", choices=("tiles", "photos"),
+                        help="tiles: 128x128 tiles of the val photos, one hole each (the paper's Table 1; default); "
+                             "photos: whole val photos at --photo-size with painted holes, through the inpainting planner")
+    parser.add_argument("--mask", default=None,
+                        help=f"tiles: the hole per tile, one of {', '.join(MASK_KINDS)} (default center); "
+                             "photos: stroke families, comma-separated (default thin,medium,thick)")
+    parser.add_argument("--photo-size", type=int, default=512, help="photos: shorter side the photos are scored at (default 512)")
+    parser.add_argument("--max-photos", type=int, default=None, help="photos: score at most this many (default all)")
     parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help=f"score at most this many tiles (default {DEFAULT_MAX_TILES})")
     parser.add_argument("--sample-tiles", type=int, default=DEFAULT_SAMPLE_TILES, help=f"rows in each picture grid (default {DEFAULT_SAMPLE_TILES})")
     parser.add_argument("--methods", default=",".join(B.BASELINES),
@@ -473,7 +484,20 @@ def run_from_args(args) -> int:
     import sys
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    report = evaluate(args.model, args.data, out_dir=args.out, mask_kind=args.mask, max_tiles=args.max_tiles,
+    if args.protocol == "photos":
+        from ce_ray import evaluate_photos as P
+
+        families = [f.strip() for f in (args.mask or ",".join(STROKE_FAMILIES)).split(",") if f.strip()]
+        methods = [m for m in methods if m != "mean_fill"]  # the photo protocol compares the classical fills
+        out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT + "_photos"
+        P.evaluate_photos(args.model, args.data, families=families, photo_size=args.photo_size, out_dir=out, methods=methods,
+                          max_photos=args.max_photos, device=args.device,
+                          mlflow_tracking_uri=args.mlflow_tracking_uri, log=lambda msg: print(msg, file=sys.stderr))
+        print(f"report: {Path(out) / 'report.md'} (numbers in report.json, pictures grid_<family>.png)")
+        return 0
+    if args.mask and args.mask not in MASK_KINDS:
+        raise UserError(f"--mask {args.mask!r}: the tiles protocol takes one of {', '.join(MASK_KINDS)}")
+    report = evaluate(args.model, args.data, out_dir=args.out, mask_kind=args.mask or "center", max_tiles=args.max_tiles,
                       sample_tiles=args.sample_tiles, methods=methods, mlflow_run_id=args.mlflow_run_id,
                       mlflow_tracking_uri=args.mlflow_tracking_uri, device=args.device,
                       log=lambda msg: print(msg, file=sys.stderr))

@@ -39,7 +39,10 @@ model never saw holes like that, and the result says so by looking like it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
@@ -311,6 +315,160 @@ def _crop(img: np.ndarray, win: Window) -> np.ndarray:
     return part
 
 
+# --- A full-image model's plan --------------------------------------------------------------------
+
+WINDOW_STRIDE = 2  # full-image windows overlap by half: each pixel's correction blends 4 windows
+FULL_RADIUS_QUANTILE = 90  # percentile of the training holes' widest point that sets a photo's scale
+FULL_RADIUS_SAMPLES = 256  # training holes drawn (seeded) to measure it
+
+
+@functools.lru_cache(maxsize=16)
+def trained_hole_radius(mask_key: str, size: int) -> float:
+    """How wide a hole the model learnt to fill, in model pixels: the FULL_RADIUS_QUANTILE
+    percentile, over a seeded sample of its training holes, of each hole's largest inscribed radius
+    (the distance transform's maximum). `mask_key`: the MaskConfig as JSON (a cache key); `size`:
+    the training crop (data.fine_size)."""
+    import json
+
+    from ce_ray.config import MaskConfig
+    from ce_ray.masks import holes_for
+
+    m = MaskConfig(**json.loads(mask_key))
+    holes = holes_for(m, size, FULL_RADIUS_SAMPLES, np.random.default_rng(0))
+    radii = [float(ndimage.distance_transform_edt(h[0] > 0).max()) for h in holes]
+    return float(np.percentile(radii, FULL_RADIUS_QUANTILE))
+
+
+def full_scale(h: int, w: int, hole: np.ndarray, cfg: Config) -> float:
+    """The scale a full-image model runs a photo at (1 = the photo's own pixels). The largest
+    scale, never above 1 (no upscaling) nor above the largest photo size the model was trained at
+    (data.load_size x (1 + data.scale_jitter), shorter side), at which the hole's widest point is no
+    wider than the holes it learnt; never so small that the shorter side drops below a window."""
+    d = cfg.data
+    short = min(h, w)
+    s_hi = min(1.0, d.load_size * (1 + d.scale_jitter) / short)
+    s_lo = min(1.0, d.fine_size / short)
+    radius = float(ndimage.distance_transform_edt(hole).max())
+    trained = trained_hole_radius(json.dumps(dataclasses.asdict(cfg.mask), sort_keys=True), d.fine_size)
+    s = s_hi if radius <= 0 else min(s_hi, trained / radius)
+    return max(s_lo, min(s_hi, s))
+
+
+def _tent(n: int) -> np.ndarray:
+    """Blend weights across a window: highest in the middle, small but > 0 at the edges, so
+    windows overlapping by half sum to a smooth, seamless weight."""
+    i = np.arange(n, dtype=np.float32)
+    return np.minimum(i + 1, n - i) / (n / 2)
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    if length <= size:
+        return [(length - size) // 2]  # one window, centred; the mirror pad fills its edges
+    out = list(range(0, length - size, stride))
+    return out + [length - size]
+
+
+class FullPlan:
+    """How a full-image model (model.variant=full) fills one photo: every known pixel stays known
+    and visible to the network; the model corrects a smooth fill of the actual hole.
+
+    1. Fill. The hole is filled at the photo's own resolution as in training (mask.fill: the
+       harmonic fill, solved on the hole's bounding box plus a 1-px ring of known pixels, which is
+       exact: the fill depends only on the pixels next to the hole).
+    2. Scale (full_scale). The photo and its filled hole are resampled to that scale; the hole
+       there covers every model pixel any hole pixel touches.
+    3. Windows. S x S windows at stride S/2 over the resampled photo, those holding any hole
+       pixel; all run in one batch (no window depends on another: each sees the fill, not another
+       window's output).
+    4. Correction. Each window's output minus its input is the model's correction; corrections
+       are blended across overlapping windows with tent weights (no seams), resampled to the
+       photo's resolution and added to the full-resolution fill inside the hole only. At scale 1
+       this is exactly the model's output; below 1 the fill keeps its full-resolution detail at
+       the hole's edge and the model adds what it learnt at its own scale. Every pixel outside
+       the hole is returned bit-identical.
+    """
+
+    def __init__(self, rgb: np.ndarray, hole: np.ndarray, cfg: Config):
+        self.rgb, self.hole, self.cfg = rgb, hole, cfg
+        S = cfg.data.fine_size
+        H, W = hole.shape
+        self.filled = _fill_full(rgb, hole, cfg)  # (H, W, 3) float32 in [-1, 1]
+        self.scale = full_scale(H, W, hole, cfg)
+        h, w = max(1, round(H * self.scale)), max(1, round(W * self.scale))
+        self.size = (h, w)
+        x = torch.from_numpy(self.filled.transpose(2, 0, 1))[None]
+        m = torch.from_numpy(hole.astype(np.float32))[None, None]
+        if (h, w) != (H, W):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            m = F.interpolate(m, size=(h, w), mode="area")
+        self.small = x[0].numpy().transpose(1, 2, 0)  # (h, w, 3) the filled photo at the model's scale
+        self.small_hole = m[0, 0].numpy() > 0  # any hole pixel under a model pixel makes it a hole
+        step = S // WINDOW_STRIDE
+        self.windows = [Window(t, l, S, (0, 0, 0, 0), 0, 0) for t in _starts(h, S, step) for l in _starts(w, S, step)
+                        if self.small_hole[max(0, t) : t + S, max(0, l) : l + S].any()]
+        if len(self.windows) > MAX_WINDOWS:
+            raise InpaintError("mask_too_complex", f"this mask needs more than {MAX_WINDOWS} model windows; paint a smaller area")
+        wt = _tent(S)
+        self.weight = np.outer(wt, wt)[..., None]  # (S, S, 1)
+        self.num = np.zeros((h, w, 3), np.float32)
+        self.den = np.zeros((h, w, 1), np.float32)
+        self.pending = set(range(len(self.windows)))
+
+    prefilled = True  # window inputs already hold the hole's fill (predict must not fill again)
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def next_round(self) -> list[int]:
+        return sorted(self.pending)
+
+    def window_input(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        win = self.windows[i]
+        x = _crop(self.small, win)  # (S, S, 3), mirrored past the edges
+        hole = _crop(self.small_hole, win)
+        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), hole[None].astype(np.float32)
+
+    def paste(self, i: int, out: np.ndarray) -> None:
+        """Blend window i's correction (output - input, (3, S, S)) into the photo-wide field."""
+        win, (h, w) = self.windows[i], self.size
+        x, _ = self.window_input(i)
+        corr = (out - x).transpose(1, 2, 0) * self.weight  # (S, S, 3)
+        y0, x0 = max(0, win.top), max(0, win.left)
+        y1, x1 = min(h, win.top + win.side), min(w, win.left + win.side)
+        sy, sx = slice(y0 - win.top, y1 - win.top), slice(x0 - win.left, x1 - win.left)
+        self.num[y0:y1, x0:x1] += corr[sy, sx]
+        self.den[y0:y1, x0:x1] += self.weight[sy, sx]
+        self.pending.discard(i)
+
+    def result(self) -> np.ndarray:
+        corr = self.num / np.maximum(self.den, 1e-6)  # (h, w, 3): 0 where no window wrote
+        if self.size != self.hole.shape:
+            t = torch.from_numpy(corr.transpose(2, 0, 1))[None]
+            corr = F.interpolate(t, size=self.hole.shape, mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+        out = to_uint8((self.filled + corr).transpose(2, 0, 1))
+        return np.where(self.hole[..., None], out, self.rgb)
+
+
+def _fill_full(rgb: np.ndarray, hole: np.ndarray, cfg: Config) -> np.ndarray:
+    """(H, W, 3) float32 in [-1, 1]: the photo with its hole filled as the model was trained
+    (mask.fill), at the photo's own resolution, solved on the hole's bounding box + 1 px."""
+    from ce_ray.masks import fill_hole
+
+    out = to_unit(rgb).transpose(1, 2, 0).copy()
+    ys, xs = np.nonzero(hole)
+    if len(ys) == 0:
+        return out
+    H, W = hole.shape
+    y0, y1 = max(0, ys.min() - 1), min(H, ys.max() + 2)
+    x0, x1 = max(0, xs.min() - 1), min(W, xs.max() + 2)
+    box = torch.from_numpy(np.ascontiguousarray(out[y0:y1, x0:x1].transpose(2, 0, 1)))[None]
+    h = torch.from_numpy(np.ascontiguousarray(hole[y0:y1, x0:x1]))[None, None]
+    filled = fill_hole(box, h, cfg.mask.fill)[0].numpy().transpose(1, 2, 0)
+    out[y0:y1, x0:x1] = filled
+    return out
+
+
 # --- Public API ----------------------------------------------------------------------------------
 
 
@@ -336,13 +494,21 @@ def check_inputs(rgb: np.ndarray, hole: np.ndarray | None, geo: Geometry) -> np.
     return hole
 
 
-def plan(loaded: LoadedGenerator, rgb: np.ndarray, hole: np.ndarray | None = None) -> Plan:
-    """Validate and plan one image (raises InpaintError for bad input; cheap, no model call)."""
+def make_plan(rgb: np.ndarray, hole: np.ndarray, cfg: Config) -> Plan | FullPlan:
+    """The plan for a model trained with `cfg`: windows around the hole for a centre model
+    (Plan), the whole-photo correction of a full-image model (FullPlan)."""
+    if cfg.model.variant == "full":
+        return FullPlan(rgb, hole, cfg)
+    return Plan(rgb, hole, Geometry.of(cfg))
+
+
+def plan(loaded: LoadedGenerator, rgb: np.ndarray, hole: np.ndarray | None = None) -> Plan | FullPlan:
+    """Validate and plan one image (raises InpaintError for bad input; no model call)."""
     geo = Geometry.of(loaded.config)
-    return Plan(rgb, check_inputs(rgb, hole, geo), geo)
+    return make_plan(rgb, check_inputs(rgb, hole, geo), loaded.config)
 
 
-def inpaint_many(loaded: LoadedGenerator, plans: list[Plan]) -> list[np.ndarray]:
+def inpaint_many(loaded: LoadedGenerator, plans: list[Plan | FullPlan]) -> list[np.ndarray]:
     """Run plans to completion, all images' windows of a round in one batch. -> (H, W, 3) uint8 each."""
     cfg = loaded.config
     device = next(loaded.model.parameters()).device
@@ -355,7 +521,8 @@ def inpaint_many(loaded: LoadedGenerator, plans: list[Plan]) -> list[np.ndarray]
             pairs = [p.window_input(i) for p, i in chunk]
             images = torch.from_numpy(np.stack([a for a, _ in pairs])).to(device)  # (B, 3, S, S)
             holes = torch.from_numpy(np.stack([b for _, b in pairs])).to(device)  # (B, 1, S, S)
-            out = predict(loaded.model, images, holes, cfg.model.variant, cfg.data.fine_size, cfg.mask.fill).cpu().numpy()
+            prefilled = getattr(chunk[0][0], "prefilled", False)  # one model, one kind of plan
+            out = predict(loaded.model, images, holes, cfg, fill=images if prefilled else None).cpu().numpy()
             for (p, i), o in zip(chunk, out):
                 p.paste(i, o)
 

@@ -92,7 +92,7 @@ def validate(G: nn.Module, val: Batch, cfg: Config, device: torch.device) -> tup
     bs = cfg.data.batch_size
     for i in range(0, len(images), bs):
         x, h = images[i : i + bs].to(device), holes[i : i + bs].to(device)
-        out = predict(G, x, h, cfg.model.variant, cfg.data.fine_size, cfg.mask.fill)
+        out = predict(G, x, h, cfg)
         if first is None:
             first = out[: cfg.train.samples].cpu()
         for k, v in hole_errors(out.cpu(), x.cpu(), h.cpu()).items():

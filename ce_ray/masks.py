@@ -1,7 +1,8 @@
-"""Holes, hole fills and loss weights: centre, random block, random region and user masks.
+"""Holes, hole fills and loss weights: centre, random block, random region, strokes and user masks.
 
-Centre (train.lua), random block (paper §3.3), random region (train_random.lua) and user-supplied
-mask images (hole_from_image); the mean-pixel and harmonic fills. Pure numpy/torch; no Ray.
+Centre (train.lua), random block (paper §3.3), random region (train_random.lua), LaMa's painted
+stroke families (strokes.py, not in the paper) and user-supplied mask images (hole_from_image);
+the mean-pixel and harmonic fills. Pure numpy/torch; no Ray.
 
 Conventions: a *hole* is a boolean (H, W) array, True where pixels are hidden from the generator
 and filled with the dataset's mean pixel. *Weights* multiply the squared (or absolute) error of
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ce_ray.errors import InpaintError, UserError
+from ce_ray.config import parse_families
+from ce_ray.strokes import stroke_hole
 
 if TYPE_CHECKING:
     import torch
@@ -81,20 +84,24 @@ def unpack_holes(packed: torch.Tensor, size: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], 1, size, size).float()
 
 
-FILLS = ("mean", "diffusion")  # MaskConfig.fill: what the generator sees in the hole
+FILLS = ("mean", "diffusion")
+# A hole shared by a batch gets an exact dense operator (hole pixels x boundary pixels) when it is
+# this small: the centre hole's is 3136 x 224. A whole photo's hole would need gigabytes.
+SHARED_OPERATOR_MAX_PIXELS = 64 * 64  # MaskConfig.fill: what the generator sees in the hole
 
 
-def fill_hole(images: torch.Tensor, hole: torch.Tensor, kind: str = "mean") -> torch.Tensor:
+def fill_hole(images: torch.Tensor, hole: torch.Tensor, kind: str = "mean", *, cycles: int | None = None) -> torch.Tensor:
     """Replace hole pixels with the fill the generator is trained with: "mean" (train.lua's mean
     pixel) or "diffusion" (`diffusion_fill`, not in the paper). images: (B, 3, H, W) in [-1, 1];
-    hole: (H, W) or (B, 1, H, W), bool or {0, 1}. Returns a new tensor."""
+    hole: (H, W) or (B, 1, H, W), bool or {0, 1}. `cycles`: see diffusion_fill. Returns a new
+    tensor."""
     import torch
 
     h = hole.to(device=images.device, dtype=torch.bool)
     if h.dim() == 2:
         h = h[None, None]
     if kind == "diffusion":
-        return diffusion_fill(images, h)
+        return diffusion_fill(images, h, cycles=cycles)
     if kind != "mean":
         raise UserError(f"unknown hole fill {kind!r}; use one of {', '.join(FILLS)}")
     fill = torch.tensor(MEAN_PIXEL_FILL, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -146,50 +153,89 @@ def _harmonic_operator(hole_bytes: bytes, shape: tuple[int, int]):
     return inside, boundary, A.astype(np.float32)
 
 
-def diffusion_fill(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+def diffusion_fill(images: torch.Tensor, hole: torch.Tensor, *, cycles: int | None = None) -> torch.Tensor:
     """Harmonic (membrane) inpainting: hole pixels solve Laplace's equation with the pixels around
     the hole as boundary values, the smooth fill that classical diffusion inpainting (Navier-
-    Stokes, Telea) approximates, solved exactly. Not in the paper: with `mask.fill=diffusion` the
-    generator sees this instead of the mean pixel and only has to learn what diffusion cannot do.
-    images: (B, C, H, W); hole: (B, 1, H, W) bool. Pixels outside the hole are returned as they
-    are; an image with no known pixel gets the mean-pixel fill.
+    Stokes, Telea) approximates. Not in the paper: with `mask.fill=diffusion` the generator sees
+    this instead of the mean pixel and only has to learn what diffusion cannot do.
+    images: (B, C, H, W); hole: (H, W) or (B, 1, H, W) bool. Pixels outside the hole are returned
+    as they are; an image with no known pixel gets the mean-pixel fill.
 
-    A hole shared by the whole batch (the centre hole) costs one cached factorisation and then a
-    (n x m) matrix product per batch on the images' device (~2 MMAC per image for the centre
-    hole); a batch of different holes is solved per image with a sparse factorisation on the CPU."""
+    A hole shared by the whole batch (the centre hole, given as (H, W), or found equal for every
+    image when `cycles` is None) costs one cached exact factorisation, then one (n x m) matrix
+    product per batch on the images' device. Different
+    holes per image go to the batched multigrid solver on the images' device (harmonic.py):
+    solved to within 1/255 of the exact fill, or with exactly `cycles` V-cycles after its
+    full-multigrid start when given (the training step: no device-to-host synchronisation)."""
     import torch
 
+    from ce_ray.harmonic import harmonic_fill
+
     h = hole.bool()
-    if h.dim() == 2:
-        h = h[None, None].expand(images.shape[0], 1, *h.shape)
     b, c, height, width = images.shape
-    out = images.clone()
     if b == 0:
-        return out
-    flat = out.reshape(b, c, height * width)
-    h_np = h[:, 0].cpu().numpy()
+        return images.clone()
+    if cycles is None and h.dim() == 4 and h.shape[0] > 1 and bool((h == h[:1]).all()):
+        h = h[:1]  # inference: one hole for the whole batch (the centre model's) takes the exact operator
+    if h.dim() == 2 or h.shape[0] == 1:
+        shared = h.reshape(height, width)
+        n = int(shared.sum())
+        if n == 0:
+            return images.clone()
+        if n == shared.numel():
+            return _mean_fill_all(images)
+        if n <= SHARED_OPERATOR_MAX_PIXELS:
+            return _shared_fill(images, shared.cpu().numpy())
+        h = shared[None, None].expand(b, 1, height, width)
+    out = harmonic_fill(images, h, cycles=cycles)
+    empty = h.flatten(1).all(dim=1)  # nothing to diffuse from: the mean pixel, as the mean fill
+    return torch.where(empty[:, None, None, None], _mean_fill_all(images), out)
+
+
+def _mean_fill_all(images: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    c = images.shape[1]
     mean = torch.tensor(MEAN_PIXEL_FILL[:c] if c <= 3 else [0.0] * c, dtype=images.dtype, device=images.device)
-    shared = bool((h_np == h_np[:1]).all())
-    for i in ([0] if shared else range(b)):
+    return mean.view(1, c, 1, 1).expand_as(images).clone()
+
+
+def _shared_fill(images: torch.Tensor, hole: np.ndarray) -> torch.Tensor:
+    """The exact harmonic fill of one hole shared by the batch: a cached operator, one product."""
+    import torch
+
+    b, c, height, width = images.shape
+    inside, boundary, A = _harmonic_operator(np.ascontiguousarray(hole).tobytes(), hole.shape)
+    out = images.clone()
+    flat = out.reshape(b, c, height * width)
+    A_t = torch.from_numpy(A).to(images.device)
+    bvals = flat[:, :, torch.from_numpy(boundary).to(images.device)].float()  # (B, C, m)
+    flat[:, :, torch.from_numpy(inside).to(images.device)] = (bvals @ A_t.T).to(images.dtype)  # (B, C, n)
+    return out
+
+
+def harmonic_fill_exact(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """The reference: each image's harmonic fill from its own sparse LU factorisation on the host
+    (scipy). images (B, C, H, W); hole (B, 1, H, W). Slow (a factorisation per image); the tests
+    hold the multigrid solver to it, and the "harmonic" baseline uses it."""
+    import scipy.sparse.linalg as spl
+    import torch
+
+    h_np = hole.bool()[:, 0].cpu().numpy()
+    out = images.clone()
+    b, c, height, width = images.shape
+    flat = out.reshape(b, c, height * width)
+    for i in range(b):
         hi = h_np[i]
-        rows = slice(None) if shared else slice(i, i + 1)
         if not hi.any():
             continue
-        if hi.all():  # nothing to diffuse from
-            flat[rows] = torch.where(torch.from_numpy(hi.reshape(-1)).to(images.device), mean[:, None], flat[rows])
+        if hi.all():
+            flat[i] = _mean_fill_all(images[i : i + 1]).reshape(c, -1)
             continue
-        if shared:
-            inside, boundary, A = _harmonic_operator(np.ascontiguousarray(hi).tobytes(), hi.shape)
-            A_t = torch.from_numpy(A).to(images.device)
-            bvals = flat[:, :, torch.from_numpy(boundary).to(images.device)].float()  # (B, C, m)
-            flat[:, :, torch.from_numpy(inside).to(images.device)] = (bvals @ A_t.T).to(images.dtype)  # (B, C, n)
-        else:
-            import scipy.sparse.linalg as spl
-
-            L, B, inside, boundary = _harmonic_system(hi)
-            bvals = flat[i, :, torch.from_numpy(boundary).to(images.device)].float().cpu().numpy()  # (C, m)
-            u = spl.splu(L).solve(np.ascontiguousarray((B @ bvals.T)))  # (n, C)
-            flat[i, :, torch.from_numpy(inside).to(images.device)] = torch.from_numpy(u.T.astype(np.float32)).to(images.device, images.dtype)
+        L, B, inside, boundary = _harmonic_system(hi)
+        bvals = flat[i, :, torch.from_numpy(boundary).to(images.device)].double().cpu().numpy()  # (C, m)
+        u = spl.splu(L).solve(np.ascontiguousarray(B @ bvals.T))  # (n, C)
+        flat[i, :, torch.from_numpy(inside).to(images.device)] = torch.from_numpy(u.T).to(images.device, images.dtype)
     return out
 
 
@@ -277,16 +323,36 @@ def hole_from_image(mask, size: tuple[int, int] | None = None) -> np.ndarray:
     return (colour.astype(np.uint32) * alpha.astype(np.uint32)) // 255 > 127
 
 
+PAPER_FREEFORM = ("random_block", "random_region")  # the paper's non-centre holes, usable in a stroke mixture
+
+
 def make_hole(kind: str, size: int, rng: np.random.Generator, *, overlap: int = 4, max_coverage: float = 0.25,
-              num_blocks: int = 5, region_min: float = 0.2, region_max: float = 0.3) -> np.ndarray:
-    """One (size, size) hole of the configured kind (MaskConfig.kind)."""
+              num_blocks: int = 5, region_min: float = 0.2, region_max: float = 0.3,
+              families: str = "thin,medium,thick") -> np.ndarray:
+    """One (size, size) hole of the configured kind (MaskConfig.kind). "strokes": one family drawn
+    from the `families` mixture (strokes.parse_mixture), then a hole of that family."""
     if kind == "center":
         return center_hole(size, overlap)
     if kind == "random_block":
         return random_block_hole(size, rng, max_coverage, num_blocks)
     if kind == "random_region":
         return random_region_hole(size, rng, region_min, region_max)
-    raise UserError(f"unknown mask kind {kind!r}; use center, random_block or random_region")
+    if kind == "strokes":
+        mix = _mixture(families)
+        family = list(mix)[int(rng.choice(len(mix), p=list(mix.values())))] if len(mix) > 1 else next(iter(mix))
+        if family in PAPER_FREEFORM:
+            return make_hole(family, size, rng, max_coverage=max_coverage, num_blocks=num_blocks, region_min=region_min,
+                             region_max=region_max)
+        return stroke_hole(family, size, size, rng)
+    raise UserError(f"unknown mask kind {kind!r}; use center, random_block, random_region or strokes")
+
+
+@functools.lru_cache(maxsize=32)
+def _mixture(families: str) -> dict[str, float]:
+    try:
+        return parse_families(families)
+    except ValueError as e:
+        raise UserError(f"mask.families: {e}") from None
 
 
 def holes_for(mask_cfg, size: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -296,5 +362,6 @@ def holes_for(mask_cfg, size: int, n: int, rng: np.random.Generator) -> np.ndarr
     out = np.empty((n, 1, size, size), dtype=np.float32)
     for i in range(n):
         out[i, 0] = make_hole(mask_cfg.kind, size, rng, overlap=mask_cfg.overlap, max_coverage=mask_cfg.max_coverage,
-                              num_blocks=mask_cfg.num_blocks, region_min=mask_cfg.region_min, region_max=mask_cfg.region_max)
+                              num_blocks=mask_cfg.num_blocks, region_min=mask_cfg.region_min, region_max=mask_cfg.region_max,
+                              families=mask_cfg.families)
     return out

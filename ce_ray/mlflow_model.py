@@ -96,7 +96,7 @@ class ContextEncoderModel(PythonModel):
             hole_t = h.expand(x.shape[0], 1, -1, -1)  # (B, 1, S, S)
         else:
             hole_t = torch.as_tensor(np.asarray(holes, dtype=np.float32))
-        return predict(self.loaded.model, x, hole_t, cfg.model.variant, cfg.data.fine_size, cfg.mask.fill).numpy()
+        return predict(self.loaded.model, x, hole_t, cfg).numpy()
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

@@ -87,18 +87,26 @@ class ChannelWiseFC(nn.Module):
 
 class Generator(nn.Module):
     """Encoder -> bottleneck -> decoder. variant 'center': 3x128x128 context -> 3x64x64 centre
-    patch (train.lua). variant 'full': -> 3x128x128 image (train_random.lua's extra up-conv)."""
+    patch (train.lua). variant 'full': -> 3x128x128 image (train_random.lua's extra up-conv).
+
+    Beyond the paper, each off by default: `mask_input` adds the hole as a 4th input channel (+1
+    in the hole, -1 elsewhere: a free-form hole filled smoothly is otherwise invisible to the
+    network); `skips` (full variant) concatenates each encoder level's features to the decoder
+    level of the same size (U-Net, Ronneberger et al. 2015), so detail around a thin hole need not
+    pass the 4x4 bottleneck."""
 
     def __init__(self, variant: str = "center", bottleneck: int = 4000, ngf: int = 64, channel_wise_fc: bool = False,
-                 dense_bottleneck: bool = True, upsample: str = "transposed", residual: bool = False):
+                 dense_bottleneck: bool = True, upsample: str = "transposed", residual: bool = False,
+                 mask_input: bool = False, skips: bool = False):
         super().__init__()
-        self.residual = residual
+        self.residual, self.skips = residual, skips
         # dense_bottleneck=False builds E6/D1 as plain conv layers, as the ports do (benchmarks).
         conv, convt = (DenseConv, DenseConvTranspose) if dense_bottleneck else (nn.Conv2d, nn.ConvTranspose2d)
         self.variant = variant
+        self.in_channels = 4 if mask_input else 3
         c = ngf
         self.encoder = nn.Sequential(
-            down(3, c, bn=False),  # E1 (B, 64, 64, 64): no BN on the first layer (DCGAN practice)
+            down(self.in_channels, c, bn=False),  # E1 (B, 64, 64, 64): no BN on the first layer (DCGAN practice)
             down(c, c),  # E2 (B, 64, 32, 32)
             down(c, 2 * c),  # E3 (B, 128, 16, 16)
             down(2 * c, 4 * c),  # E4 (B, 256, 8, 8)
@@ -115,10 +123,11 @@ class Generator(nn.Module):
                 conv(8 * c, bottleneck, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(bottleneck), nn.LeakyReLU(LEAK, inplace=True),  # E6 (B, 4000, 1, 1)
                 convt(bottleneck, 8 * c, KERNEL, 1, 0, bias=False), nn.BatchNorm2d(8 * c), nn.ReLU(inplace=True),  # D1 (B, 512, 4, 4)
             )
-        layers = [up(8 * c, 4 * c, upsample), up(4 * c, 2 * c, upsample), up(2 * c, c, upsample)]  # D2-D4 -> (B, 64, 32, 32)
+        k = 2 if skips else 1  # a skip doubles each decoder layer's input channels
+        layers = [up(k * 8 * c, 4 * c, upsample), up(k * 4 * c, 2 * c, upsample), up(k * 2 * c, c, upsample)]  # D2-D4 -> (B, 64, 32, 32)
         if variant == "full":
-            layers.append(up(c, c, upsample))  # train_random.lua's extra up-conv -> (B, 64, 64, 64)
-        layers += upsample_conv(c, 3, upsample)  # D5 -> (B, 3, 64|128, 64|128)
+            layers.append(up(k * c, c, upsample))  # train_random.lua's extra up-conv -> (B, 64, 64, 64)
+        layers += upsample_conv(k * c, 3, upsample)  # D5 -> (B, 3, 64|128, 64|128)
         if not residual:  # a residual output is a correction, unbounded; predict() clamps the sum
             layers.append(nn.Tanh())
         self.decoder = nn.Sequential(*layers)
@@ -126,14 +135,32 @@ class Generator(nn.Module):
     def last_conv(self) -> nn.Module:
         return [m for m in self.decoder if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) context, hole filled -> (B, 3, S/2 | S, ...)
-        y = self.decoder(self.bottleneck(self.encoder(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3|4, S, S) context, hole filled -> (B, 3, S/2 | S, ...)
+        if self.skips:
+            y = self._forward_skips(x)
+        else:
+            y = self.decoder(self.bottleneck(self.encoder(x)))
         if not self.residual:
             return y
         if self.variant == "center":
             lo = x.shape[-1] // 4  # the predicted centre region, img[:, :, S/4:3S/4, S/4:3S/4]
-            return x[:, :, lo : x.shape[-1] - lo, lo : x.shape[-1] - lo] + y
-        return x + y
+            return x[:, :3, lo : x.shape[-1] - lo, lo : x.shape[-1] - lo] + y
+        return x[:, :3] + y
+
+    def _forward_skips(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for layer in self.encoder:
+            x = layer(x)
+            feats.append(x)  # E1..E5: (B, c, 64, 64) ... (B, 8c, 4, 4)
+        y = self.bottleneck(x)  # (B, 8c, 4, 4)
+        ups = [m for m in self.decoder if isinstance(m, nn.Sequential)]  # D2..D4 (+ the full variant's extra)
+        tail = list(self.decoder)[len(ups):]  # D5 (+ Tanh)
+        for layer, skip in zip(ups, reversed(feats)):
+            y = layer(torch.cat([y, skip], dim=1))
+        y = torch.cat([y, feats[len(feats) - 1 - len(ups)]], dim=1)  # E1 (full) or E2 (centre), beside D5's input
+        for layer in tail:
+            y = layer(y)
+        return y
 
 
 class Discriminator(nn.Module):
@@ -170,7 +197,7 @@ def init_weights(model: nn.Module) -> nn.Module:
 
 def build_generator(cfg: ModelConfig) -> Generator:
     G = init_weights(Generator(cfg.variant, cfg.bottleneck, cfg.ngf, cfg.channel_wise_fc,
-                               upsample=cfg.upsample, residual=cfg.residual))
+                               upsample=cfg.upsample, residual=cfg.residual, mask_input=cfg.mask_input, skips=cfg.skips))
     if cfg.residual:  # start as the identity on the fill: the correction grows from zero
         nn.init.zeros_(G.last_conv().weight)
     return G
@@ -185,7 +212,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def conv_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def conv_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> int:
     """Multiply-accumulates of the conv / FC layers for one forward of one sample (the model
     FLOPs used for throughput and utilisation figures; BN and activations are not counted)."""
     total = 0
@@ -199,6 +226,8 @@ def conv_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         elif isinstance(mod, ChannelWiseFC):
             total += mod.weight.numel()
 
+    if input_shape is None:
+        input_shape = (getattr(model, "in_channels", 3), 128, 128)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, ChannelWiseFC))]
     was_training = model.training
     model.eval()

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ce_ray.config import Config, OptimConfig
 from ce_ray.errors import UserError
 from ce_ray.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
-from ce_ray.masks import center_box, center_weights, fill_hole, full_weights, unpack_holes
+from ce_ray.masks import center_box, center_hole, center_weights, fill_hole, full_weights, unpack_holes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,25 +101,39 @@ class GanStep:
         m, size = cfg.mask, cfg.data.fine_size
         self.center = center_box(size)
         self.center_w = center_weights(size, m.overlap, cfg.loss.lambda_rec, m.overlap_weight).to(device)  # (64, 64)
+        # The centre hole is the same for every crop: given as one (S, S) hole, the harmonic fill
+        # is one cached exact operator (masks.diffusion_fill) instead of a solve per image.
+        self.center_hole = torch.from_numpy(center_hole(size, m.overlap)).to(device) if m.kind == "center" else None
 
-    def inputs(self, images: torch.Tensor, holes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(context with the hole filled, target, loss weights) for a training batch, in either
-        form prepare_batch takes; the channel shuffle (data.channel_shuffle) happens here too."""
+    def inputs(self, images: torch.Tensor, holes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(generator input, target, loss weights, holes) for a training batch, in either form
+        prepare_batch takes; the channel shuffle (data.channel_shuffle) and the hole fill happen
+        here, on the training device."""
         images, holes = prepare_batch(images, holes, self.cfg.data.fine_size, self.device)
         if self.cfg.data.channel_shuffle:
             images = shuffle_channels(images)
-        context = fill_hole(images, holes, self.cfg.mask.fill).contiguous(memory_format=self.memory_format)
+        fill_holes = self.center_hole if self.center_hole is not None else holes
+        context = model_input(images, holes, self.cfg, cycles=self.cfg.mask.fill_cycles, fill_holes=fill_holes)
+        context = context.contiguous(memory_format=self.memory_format)
         if self.cfg.model.variant == "center":
             lo, hi = self.center
-            return context, images[:, :, lo:hi, lo:hi], self.center_w  # target (B, 3, 64, 64)
+            return context, images[:, :, lo:hi, lo:hi], self.center_w, holes  # target (B, 3, 64, 64)
         weights = full_weights(holes, self.cfg.loss.lambda_rec, self.cfg.mask.overlap_weight)  # (B, 1, S, S)
-        return context, images, weights
+        return context, images, weights, holes
+
+    def _for_d(self, fake: torch.Tensor, real: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+        """What D judges. A full-image model trained on the hole alone (mask.overlap_weight=0)
+        never learns its context output, which inference replaces with the photo's own pixels: D
+        then sees that composite, the generated hole in the real context."""
+        if self.cfg.model.variant == "full" and self.cfg.mask.overlap_weight == 0:
+            return torch.where(holes.bool(), fake, real.to(fake.dtype))
+        return fake
 
     def __call__(self, images: torch.Tensor, holes: torch.Tensor) -> dict[str, torch.Tensor]:
         """One iteration; returns detached metric tensors (call .item() only when logging, so a
         GPU step never waits on the host)."""
         G, D, cfg = self.G, self.D, self.cfg
-        context, target, weights = self.inputs(images, holes)
+        context, target, weights, holes = self.inputs(images, holes)
         real = target.contiguous(memory_format=self.memory_format)
         G.train()
         D.train()
@@ -128,7 +142,7 @@ class GanStep:
         with autocast(self.device, cfg.train.precision):
             fake = G(context)  # (B, 3, 64, 64) centre, or (B, 3, S, S) full
             real_logits = D(real)  # (B,)
-            fake_logits = D(fake)  # (B,), graph reaches back into G
+            fake_logits = D(self._for_d(fake, real, holes))  # (B,), graph reaches back into G
             loss_d, m_d = discriminator_loss(real_logits, fake_logits)
             loss_adv, m_adv = generator_adversarial_loss(fake_logits, cfg.loss.lambda_adv)
         loss_rec, m_rec = reconstruction_loss(fake, target, weights, cfg.loss.rec, cfg.loss.lambda_rec)
@@ -192,22 +206,42 @@ class GanStep:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def model_input(images: torch.Tensor, holes: torch.Tensor, cfg: Config, *, cycles: int | None = None,
+                fill_holes: torch.Tensor | None = None) -> torch.Tensor:
+    """The generator's input for images (B, 3, S, S) in [-1, 1] and holes (B, 1, S, S): the hole
+    filled as in training (mask.fill; `cycles`: masks.diffusion_fill), plus the hole itself as a
+    4th channel (+1 hole, -1 known) for a model.mask_input generator. `fill_holes`: the holes to
+    fill when they differ in form from `holes` (the centre hole as one (S, S) tensor)."""
+    x = fill_hole(images, holes if fill_holes is None else fill_holes, cfg.mask.fill, cycles=cycles)
+    if cfg.model.mask_input:
+        x = torch.cat([x, holes.to(x.dtype) * 2 - 1], dim=1)  # (B, 4, S, S)
+    return x
+
+
 @torch.no_grad()
-def predict(G: nn.Module, images: torch.Tensor, holes: torch.Tensor, variant: str, fine_size: int = 128,
-            fill: str = "mean") -> torch.Tensor:
+def predict(G: nn.Module, images: torch.Tensor, holes: torch.Tensor, cfg: Config, *, fill: torch.Tensor | None = None) -> torch.Tensor:
     """Inpaint a batch in eval mode and paste the prediction into the hole only: every pixel
-    outside the hole is the input's. images: (B, 3, S, S) in [-1, 1]; holes (B, 1, S, S); `fill`:
-    the hole fill the model was trained with (MaskConfig.fill). Returns (B, 3, S, S) in [-1, 1]."""
+    outside the hole is the input's. images: (B, 3, S, S) in [-1, 1]; holes (B, 1, S, S); `cfg`:
+    the model's training config (its variant, hole fill and inputs). `fill`: the images with the
+    hole already filled (the planner's full-resolution harmonic fill), else it is computed here.
+    Returns (B, 3, S, S) in [-1, 1]."""
     was_training = G.training
     G.eval()
     try:
-        out = G(fill_hole(images, holes, fill)).float().clamp(-1.0, 1.0)  # a residual output is unbounded
+        x = model_input(images, holes, cfg) if fill is None else _with_mask(fill, holes, cfg)
+        out = G(x).float().clamp(-1.0, 1.0)  # a residual output is unbounded
     finally:
         G.train(was_training)
     full = images.clone()
-    if variant == "center":
-        lo, hi = center_box(fine_size)
+    if cfg.model.variant == "center":
+        lo, hi = center_box(cfg.data.fine_size)
         full[:, :, lo:hi, lo:hi] = out
     else:
         full = out
     return torch.where(holes.bool(), full, images)
+
+
+def _with_mask(filled: torch.Tensor, holes: torch.Tensor, cfg: Config) -> torch.Tensor:
+    if cfg.model.mask_input:
+        return torch.cat([filled, holes.to(filled.dtype) * 2 - 1], dim=1)
+    return filled

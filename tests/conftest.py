@@ -90,6 +90,6 @@ def tiny_checkpoint(tmp_path_factory):
         step(torch.from_numpy(np.stack(crops)), torch.from_numpy(holes_for(cfg.mask, 128, len(crops), rng)))
     images = torch.from_numpy(np.stack([c for p in val for c in random_crops(p, 128, 4, rng, False)]))
     holes = torch.from_numpy(holes_for(cfg.mask, 128, len(images), rng))
-    metrics = {f"val_{k}": v for k, v in summarize(hole_errors(predict(G, images, holes, "center"), images, holes)).items()}
+    metrics = {f"val_{k}": v for k, v in summarize(hole_errors(predict(G, images, holes, cfg), images, holes)).items()}
     torch.set_num_threads(threads)
     return checkpoint.save(tmp_path_factory.mktemp("tiny") / "tiny-ce", G=G, D=D, step=cfg.train.steps, config=cfg, metrics=metrics)

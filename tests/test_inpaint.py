@@ -104,7 +104,7 @@ def test_a_128_crop_with_the_default_hole_is_exactly_the_training_path(loaded, p
     crop = resize_shorter(photos["skimage/astronaut"], cfg.data.load_size)[100:228, 120:248]
     out = I.inpaint_image(loaded, crop)
     hole = torch.from_numpy(center_hole(128, cfg.mask.overlap))
-    expect = to_uint8(predict(loaded.model, torch.from_numpy(to_unit(crop))[None], hole[None, None].float(), "center")[0].numpy())
+    expect = to_uint8(predict(loaded.model, torch.from_numpy(to_unit(crop))[None], hole[None, None].float(), cfg)[0].numpy())
     assert np.array_equal(out, expect)
     assert np.array_equal(I.default_hole(128, 128, I.Geometry.of(cfg)), center_hole(128, cfg.mask.overlap))
 

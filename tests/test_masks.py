@@ -134,7 +134,7 @@ def test_diffusion_fill_shared_and_per_image_holes_agree_and_edge_cases():
     h2 = h.clone()
     h2[2, 0, 19, 19] = True  # one image differs: every image is solved on its own
     per_image = M.diffusion_fill(x, h2)
-    assert (shared[:2] - per_image[:2]).abs().max() < 1e-5
+    assert (shared[:2] - per_image[:2]).abs().max() < 2 / 255  # within 1/255 on [0, 1] pixels: the multigrid solver
     assert (shared[2, :, :8, :9] - per_image[2, :, :8, :9]).abs().max() < 1e-3
     # Nothing to diffuse from: the mean pixel. No hole: unchanged.
     full = M.diffusion_fill(x[:1], torch.ones(1, 1, 20, 20, dtype=torch.bool))

@@ -100,7 +100,7 @@ def test_predict_keeps_pixels_outside_the_hole():
     cfg = C.from_dict(TINY)
     G = build_generator(cfg.model)
     images, holes = batch()
-    out = predict(G, images, holes, "center")
+    out = predict(G, images, holes, cfg)
     keep = ~holes.bool().expand_as(images)
     assert torch.equal(out[keep], images[keep])
     assert not torch.equal(out, images)
