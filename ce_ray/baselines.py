@@ -126,13 +126,16 @@ def inpaint_image(name: str, rgb: np.ndarray, hole: np.ndarray) -> np.ndarray:
     out = rgb.copy()
     h, w = hole.shape
     labels, n = ndimage.label(hole)
-    for box in ndimage.find_objects(labels):
+    for g, box in enumerate(ndimage.find_objects(labels), start=1):
         y0, y1 = max(0, box[0].start - IMAGE_MARGIN), min(h, box[0].stop + IMAGE_MARGIN)
         x0, x1 = max(0, box[1].start - IMAGE_MARGIN), min(w, box[1].stop + IMAGE_MARGIN)
         sub_hole = hole[y0:y1, x0:x1]
         chw = (out[y0:y1, x0:x1].transpose(2, 0, 1).astype(np.float32) * (2.0 / 255.0) - 1.0)[None]
         filled = run_baseline(name, chw, sub_hole[None, None])[0]  # (3, h, w) in [-1, 1], context unchanged
         patch = to_uint8(filled)
+        # Only this group's pixels: pieces of other groups cut by the box edge were filled with the
+        # edge as a border, and must not overwrite their own group's fill.
+        mine = labels[y0:y1, x0:x1] == g
         region = out[y0:y1, x0:x1]
-        region[sub_hole] = patch[sub_hole]
+        region[mine] = patch[mine]
     return out

@@ -215,10 +215,14 @@ def resolve(uri: str) -> Path:
 
 
 def load_generator(uri: str, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """The generator of a checkpoint, in eval mode, ready for inference. An exported file
-    (`ce-ray export`: .onnx / .pt with its .json description) loads as a runner for it."""
+    """The generator of a checkpoint, in eval mode, ready for inference. "default" (or None) is
+    the model ce-ray ships (shipped.py); an exported file (`ce-ray export`: .onnx / .pt with its
+    .json description) loads as a runner for it."""
+    from ce_ray import shipped
     from ce_ray.export import is_exported, load_exported
 
+    if shipped.is_default(uri):
+        return shipped.load(device)
     if is_exported(str(uri)):
         return load_exported(str(uri))
     ckpt = load(resolve(uri), map_location="cpu", with_optim=False)

@@ -622,6 +622,18 @@ def fetch(out: str | os.PathLike = DEFAULT_DIR, *, source: str | os.PathLike | N
     return manifest
 
 
+# Licences whose terms could reach a model trained on the photo (copyleft on derived works,
+# share-alike, network copyleft, non-commercial): the shipped model's training leaves such photos
+# out (`ce-ray prepare corpus --train-licences permissive`; docs/model-card.md says why).
+BINDING_LICENCE_MARKERS = ("GPL", "CC-BY-SA", "GFDL", "-NC", "NonCommercial")
+
+
+def binds_weights(licence: str) -> bool:
+    """Whether a photo's licence is one whose terms we judge could bind weights trained on it
+    (GPL, LGPL, AGPL, CC-BY-SA, GFDL, non-commercial); permissive and public-domain ones do not."""
+    return any(m.lower() in licence.lower() for m in BINDING_LICENCE_MARKERS)
+
+
 def load_sources(out: str | os.PathLike) -> dict[str, Any]:
     p = Path(out) / "sources.json"
     if not p.is_file():

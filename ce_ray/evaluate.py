@@ -458,8 +458,9 @@ def log_to_mlflow(run_id: str, report: dict[str, Any], files: Sequence[Path], tr
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, metavar="URI",
-                        help="checkpoint directory, models:/name/version or runs:/id/path; omit or 'none' for baselines only")
+    parser.add_argument("--model", default="default", metavar="URI",
+                        help="checkpoint directory, models:/name/version, runs:/id/path, 'default' (the model ce-ray ships: the "
+                             "default), or 'none' for the baselines only")
     parser.add_argument("--data", required=True, metavar="SRC",
                         help="shards from `ce-ray prepare` (its val split is scored), or any photos prepare reads: folder, glob, .txt list, URI, 'bundled'")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")

@@ -260,6 +260,20 @@ def _write_grid(path: Path, photos: list[Photo], holes: list[np.ndarray], result
     return save_png(out, path)
 
 
+def write_strip(path: Path, photo: Photo, hole: np.ndarray, results: dict[str, np.ndarray]) -> Path:
+    """One photo as a row: masked | each result (in the given order) | truth."""
+    from ce_ray.grids import GAP, save_png
+
+    masked = photo.rgb.copy()
+    masked[hole] = MASK_COLOUR
+    cells = [masked, *results.values(), photo.rgb]
+    h, w = photo.rgb.shape[:2]
+    out = np.full((h, len(cells) * (w + GAP) - GAP, 3), 255, np.uint8)
+    for j, c in enumerate(cells):
+        out[:, j * (w + GAP) : j * (w + GAP) + w] = c
+    return save_png(out, path)
+
+
 def label(m: str) -> str:
     return "Context Encoder (this model)" if m == MODEL else B.LABELS[m]
 

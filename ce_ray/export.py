@@ -186,7 +186,9 @@ def load_exported(uri: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias or runs:/id/path")
+    parser.add_argument("--model", default="default",
+                        help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path, or 'default': the model "
+                             "ce-ray ships (the default)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime, TensorRT, ...) or torchscript (torch.jit.load)")
     parser.add_argument("-o", "--output", required=True, help="file to write (its description goes to FILE.json)")
 

@@ -380,9 +380,10 @@ class FullPlan:
     3. Windows. S x S windows at stride S/2 over the resampled photo, those holding any hole
        pixel; all run in one batch (no window depends on another: each sees the fill, not another
        window's output).
-    4. Correction. Each window's output minus its input is the model's correction; corrections
-       are blended across overlapping windows with tent weights (no seams), resampled to the
-       photo's resolution and added to the full-resolution fill inside the hole only. At scale 1
+    4. Correction. Each window's output minus its input is the model's correction at its hole
+       pixels; corrections are blended across overlapping windows with tent weights (no seams),
+       resampled to the photo's resolution (normalised: no fading at the hole's edge) and added
+       to the full-resolution fill inside the hole only. At scale 1
        this is exactly the model's output; below 1 the fill keeps its full-resolution detail at
        the hole's edge and the model adds what it learnt at its own scale. Every pixel outside
        the hole is returned bit-identical.
@@ -432,20 +433,26 @@ class FullPlan:
     def paste(self, i: int, out: np.ndarray) -> None:
         """Blend window i's correction (output - input, (3, S, S)) into the photo-wide field."""
         win, (h, w) = self.windows[i], self.size
-        x, _ = self.window_input(i)
-        corr = (out - x).transpose(1, 2, 0) * self.weight  # (S, S, 3)
+        x, hole = self.window_input(i)
+        weight = self.weight * hole.transpose(1, 2, 0)  # (S, S, 1): only hole pixels carry a correction
+        corr = (out - x).transpose(1, 2, 0) * weight  # (S, S, 3)
         y0, x0 = max(0, win.top), max(0, win.left)
         y1, x1 = min(h, win.top + win.side), min(w, win.left + win.side)
         sy, sx = slice(y0 - win.top, y1 - win.top), slice(x0 - win.left, x1 - win.left)
         self.num[y0:y1, x0:x1] += corr[sy, sx]
-        self.den[y0:y1, x0:x1] += self.weight[sy, sx]
+        self.den[y0:y1, x0:x1] += weight[sy, sx]
         self.pending.discard(i)
 
     def result(self) -> np.ndarray:
-        corr = self.num / np.maximum(self.den, 1e-6)  # (h, w, 3): 0 where no window wrote
+        num, den = self.num, self.den
         if self.size != self.hole.shape:
-            t = torch.from_numpy(corr.transpose(2, 0, 1))[None]
-            corr = F.interpolate(t, size=self.hole.shape, mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+            # Normalised interpolation: the weighted corrections and their weights are resampled
+            # separately, so a hole pixel next to the known context gets the mean correction of
+            # the hole pixels around it, not one faded towards the zero outside the hole.
+            t = torch.from_numpy(np.concatenate([num, den], axis=-1).transpose(2, 0, 1))[None]
+            t = F.interpolate(t, size=self.hole.shape, mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+            num, den = t[..., :3], t[..., 3:]
+        corr = num / np.maximum(den, 1e-6)  # (H, W, 3): 0 where no hole pixel is near
         out = to_uint8((self.filled + corr).transpose(2, 0, 1))
         return np.where(self.hole[..., None], out, self.rgb)
 
@@ -555,8 +562,9 @@ def inpaint_file(model_uri: str, image_path: str | Path, mask_path: str | Path |
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="one image file (PNG/JPEG, any size), or many: a folder (recursive), a glob, "
                                                    "a .txt list of paths, or an s3:// / gs:// prefix")
-    parser.add_argument("--model", required=True, help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path, "
-                                                       "or an exported .onnx / .pt file")
+    parser.add_argument("--model", default="default", help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path, "
+                                                            "an exported .onnx / .pt file, or 'default': the free-form model ce-ray ships "
+                                                            "(the default)")
     parser.add_argument("-o", "--out", "--output", dest="out", required=True,
                         help="for one input file: the PNG to write; for many: a folder or bucket prefix that mirrors SRC's relative paths")
     holes = parser.add_mutually_exclusive_group()

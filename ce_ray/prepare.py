@@ -417,6 +417,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out} exists and is not a ce-ray shard folder (no manifest.json); refusing to delete it even with --overwrite")
 
 
+TRAIN_LICENCES = ("all", "permissive")
+
+
+def _binding(licence: str) -> bool:
+    from ce_ray.corpus import binds_weights
+
+    return binds_weights(licence)
+
+
 def prepare(
     src: str,
     out: str,
@@ -431,6 +440,7 @@ def prepare(
     engine: str = "ray",
     progress: bool = True,
     corpus_dir: str | os.PathLike | None = None,
+    train_licences: str = "all",
 ) -> dict[str, Any]:
     """Ingest SRC into Parquet shards under OUT; returns the manifest (also OUT/manifest.json).
 
@@ -449,6 +459,10 @@ def prepare(
         raise UserError(f"--load-size must be >= {min_size} (the smallest photo kept), got {load_size}")
     if max_pixels < min_size * min_size:
         raise UserError(f"--max-pixels must be >= {min_size * min_size}, got {max_pixels}")
+    if train_licences not in TRAIN_LICENCES:
+        raise UserError(f"--train-licences must be one of {', '.join(TRAIN_LICENCES)}, got {train_licences!r}")
+    if train_licences != "all" and src != "corpus":
+        raise UserError("--train-licences permissive needs SRC 'corpus' (only the corpus records each photo's licence)")
     if is_uri(out):
         raise UserError(f"--out must be a local folder (got {out!r}); copy the shards to a bucket afterwards if needed")
     out_p = Path(local_path(out)).absolute()
@@ -463,6 +477,11 @@ def prepare(
     # When OUT lies inside SRC, never ingest OUT itself or our temp siblings (.OUT.partial-*, .OUT.old-*).
     files, skipped = discover(src, exclude=[str(out_p) + os.sep, str(out_p.parent / f".{out_p.name}.")], corpus_dir=corpus_dir)
     inputs = len(files) + len(skipped)  # skipped holds only duplicate list entries so far
+    licence_of: dict[str, str] = {}
+    if train_licences == "permissive":
+        from ce_ray import corpus
+
+        licence_of = {p["key"]: p["licence"] for p in corpus.load_sources(Path(corpus_dir or corpus.DEFAULT_DIR))["photos"]}
     if not files:
         raise UserError(f"no files found in SRC {src!r}")
 
@@ -481,6 +500,10 @@ def prepare(
                 continue
             row.pop("reason")
             split = shards.split_of(row[KEY_COLUMN], val_fraction)
+            if split == "train" and licence_of and _binding(licence_of.get(row[KEY_COLUMN], "")):
+                skipped.append({"path": row["source"], "reason": f"licence {licence_of.get(row[KEY_COLUMN])!r} kept out of training "
+                                                               "(--train-licences permissive)"})
+                continue
             if split == "val":
                 val_keys.append(row[KEY_COLUMN])
             writers[split].add(row)
@@ -510,7 +533,8 @@ def prepare(
             "shards": {s: [f"{s}/{n}" for n in w.files] for s, w in writers.items()},
             "columns": SHARD_SCHEMA.names,
             "encoding": "stored" if keep_original else f"JPEG quality {JPEG_QUALITY}, 4:4:4",
-            "options": {**asdict(opts), "val_fraction": val_fraction, "rows_per_shard": rows_per_shard, "engine": engine},
+            "options": {**asdict(opts), "val_fraction": val_fraction, "rows_per_shard": rows_per_shard, "engine": engine,
+                        "train_licences": train_licences},
         }
         shards.write_manifest(tmp, manifest)
         _check_out(out_p, overwrite)  # it may have appeared while we worked
@@ -542,13 +566,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-fraction", type=float, default=shards.VAL_FRACTION, help=f"share of photos held out by key hash (default {shards.VAL_FRACTION})")
     parser.add_argument("--rows-per-shard", type=int, default=64, help="photos per Parquet file (default 64)")
     parser.add_argument("--engine", choices=("ray", "local"), default="ray", help="ray: parallel on Ray Data (default); local: in this process")
+    parser.add_argument("--train-licences", choices=TRAIN_LICENCES, default="all",
+                        help="SRC corpus: 'permissive' keeps photos under copyleft, share-alike or non-commercial licences out of the "
+                             "train split (the val split is unchanged); default all")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help=f"reject larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})")
 
 
 def run_from_args(args) -> int:
     m = prepare(args.src, args.out, val_fraction=args.val_fraction, rows_per_shard=args.rows_per_shard, load_size=args.load_size,
                 keep_original=args.keep_original, overwrite=args.overwrite, max_pixels=args.max_pixels, engine=args.engine,
-                corpus_dir=args.corpus_dir)
+                corpus_dir=args.corpus_dir, train_licences=args.train_licences)
     print(f"prepared {m['ingested']} photos ({m['train']} train, {m['val']} val) in {args.out}; "
           f"skipped {len(m['skipped'])} (reasons in {os.path.join(args.out, 'manifest.json')})")
     return 0

@@ -53,6 +53,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from ce_ray.errors import UserError
+from ce_ray.shipped import DEFAULT_MODEL
 
 APP_NAME = "ce-ray"
 DEPLOYMENT_NAME = "Inpainter"
@@ -128,6 +129,8 @@ def describe_model(uri: str, loaded) -> dict[str, Any]:
     elif uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/"):].partition("/")
         name, version = path or "run", run_id
+    elif uri == DEFAULT_MODEL:
+        name = "ce-ray free-form (shipped with the package)"
     else:
         name = Path(uri).expanduser().resolve().name
     return {"name": name, "version": version, "source": uri, "step": loaded.step, "variant": loaded.config.model.variant,
@@ -440,19 +443,17 @@ def parse_models(models: list[str] | None, registry_models: str | None) -> list[
         item = item.strip()
         if item:
             uris.append(item if item.startswith(("models:/", "runs:/")) else f"models:/{item}")
-    if not uris:
-        raise UserError("no model: pass --model URI (repeat it for several) or --models name@alias,name/version")
-    return uris
+    return uris or [DEFAULT_MODEL]  # no model named: the one ce-ray ships
 
 
 def app_from_env():
     """`serve run ce_ray.serve:app` / cluster/serve.yaml: the app configured by environment variables
-    (CE_RAY_MODEL required: one URI or several, comma-separated; CE_RAY_MAX_UPLOAD_MB,
+    (CE_RAY_MODEL: one URI or several, comma-separated, default the shipped model; CE_RAY_MAX_UPLOAD_MB,
     CE_RAY_MAX_PIXELS, CE_RAY_DEVICE optional).
     Replicas, resources and batching then come from the Serve config's deployment section."""
     env = os.environ
     uris = [u.strip() for u in env.get("CE_RAY_MODEL", "").split(",") if u.strip()]  # several: comma-separated
-    return build_app(uris or "", max_upload_mb=float(env.get("CE_RAY_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
+    return build_app(uris or DEFAULT_MODEL, max_upload_mb=float(env.get("CE_RAY_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
                      max_pixels=int(env.get("CE_RAY_MAX_PIXELS", DEFAULT_MAX_PIXELS)), device=env.get("CE_RAY_DEVICE", "auto"),
                      gpus_per_replica=float(env["CE_RAY_GPUS"]) if "CE_RAY_GPUS" in env else None)
 
@@ -469,8 +470,9 @@ def __getattr__(name: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None, metavar="URI",
-                        help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path or an exported file; "
-                             "repeat for several models behind one endpoint (the first is the default)")
+                        help="checkpoint directory, models:/name/version, models:/name@alias, runs:/id/path, an exported file, "
+                             "or 'default' (the model ce-ray ships, used when no model is given); repeat for several models "
+                             "behind one endpoint (the first is the default)")
     parser.add_argument("--models", default=None, metavar="NAME@ALIAS,...",
                         help="registered models to serve too, comma-separated: name@alias or name/version")
     parser.add_argument("--max-models-per-replica", type=int, default=DEFAULT_MAX_MODELS_PER_REPLICA,

@@ -110,3 +110,37 @@ def test_residual_generator_starts_as_the_identity_on_its_input(variant):
     G.train()
     G(x).square().mean().backward()
     assert G.last_conv().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant, out", [("center", 64), ("full", 128)])
+@pytest.mark.parametrize("upsample", ["transposed", "resize"])
+def test_skips_and_mask_input_shapes_and_gradients(variant, out, upsample):
+    """U-Net skips (each encoder level concatenated to the decoder level of its size) and the hole
+    as a 4th input channel: shapes, every weight trained, the residual still the identity at start."""
+    cfg = ModelConfig(variant=variant, upsample=upsample, bottleneck=16, ngf=8, skips=True, mask_input=True, residual=True)
+    G = build_generator(cfg)
+    assert G.encoder[0][0].in_channels == 4
+    x = torch.rand(2, 4, 128, 128) * 2 - 1
+    with torch.no_grad():
+        y = G.eval()(x)
+    lo = 32 if variant == "center" else 0
+    assert y.shape == (2, 3, out, out)
+    assert torch.equal(y, x[:, :3, lo : 128 - lo, lo : 128 - lo])  # the correction starts at 0
+    G.train()
+    nn.init.normal_(G.last_conv().weight, 0, 0.02)
+    G(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
+    # The skips reach the decoder: a change in the input's fine detail changes the output there
+    # even with the bottleneck's path cut.
+    with torch.no_grad():
+        G.eval()
+        for p in G.bottleneck.parameters():
+            p.zero_()
+        a, b = G(x), G(x + 0.5 * (torch.rand_like(x) - 0.5))
+    assert (a - b).abs().max() > 0
+
+
+def test_conv_macs_counts_the_mask_channel():
+    plain = conv_macs(build_generator(ModelConfig(variant="full", bottleneck=16, ngf=8)))
+    masked = conv_macs(build_generator(ModelConfig(variant="full", bottleneck=16, ngf=8, mask_input=True)))
+    assert masked > plain
