@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean browser corpus
+.PHONY: install demo test lint bench clean browser corpus
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,14 @@ demo: install
 corpus: install
 	$(BIN)/ce-ray corpus fetch --out outputs/corpus
 
-test: install browser
+# Linters first (seconds), then the suite: ruff (lint + format check) and mypy (strict on the core
+# and the config) fail CI like a failing test.
+lint: install
+	$(BIN)/ruff check ce_ray tests bench
+	$(BIN)/ruff format --check ce_ray tests bench
+	$(BIN)/mypy
+
+test: install browser lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install

@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def make_photos(folder: Path, n: int) -> None:
     from PIL import Image
 
-    from ce_ray.bundled import load_bundled
+    from ce_ray.data.bundled import load_bundled
 
     photos = [rgb for _, rgb in load_bundled()]
     rng = np.random.default_rng(0)
@@ -41,7 +41,9 @@ def make_photos(folder: Path, n: int) -> None:
         h, w = src.shape[:2]
         crop = src[: min(h, int(rng.integers(min(h, 200), h + 1))), : min(w, int(rng.integers(min(w, 200), w + 1)))]
         scale = side / min(crop.shape[:2])
-        im = Image.fromarray(crop).resize((max(16, round(crop.shape[1] * scale)), max(16, round(crop.shape[0] * scale))), Image.BICUBIC)
+        im = Image.fromarray(crop).resize(
+            (max(16, round(crop.shape[1] * scale)), max(16, round(crop.shape[0] * scale))), Image.BICUBIC
+        )
         sub = folder / f"set{i % 4}"
         sub.mkdir(parents=True, exist_ok=True)
         im.save(sub / f"p{i:04d}.png")
@@ -55,18 +57,27 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from ce_ray import batch_inpaint as BI
-    from ce_ray import checkpoint
     from ce_ray import cluster
     from ce_ray import config as C
-    from ce_ray.model import build_discriminator, build_generator
+    from ce_ray.core.model import build_discriminator, build_generator
+    from ce_ray.infer import batch as BI
+    from ce_ray.train import checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="ce_ray_bench_inpaint_"))
     try:
         make_photos(work / "src", args.photos)
         cfg = C.load(args.config)
         torch.manual_seed(0)
-        model = str(checkpoint.save(work / "model", G=build_generator(cfg.model), D=build_discriminator(cfg.model), step=0, config=cfg, rng=False))
+        model = str(
+            checkpoint.save(
+                work / "model",
+                G=build_generator(cfg.model),
+                D=build_discriminator(cfg.model),
+                step=0,
+                config=cfg,
+                rng=False,
+            )
+        )
         print(f"photos={args.photos}")
         print(f"config={args.config}")
         print(f"replicas={args.replicas}")
@@ -76,12 +87,30 @@ def main() -> None:
         # Warm-up of both (imports, Ray worker processes), on a few photos.
         make_photos(work / "warm", 8)
         BI.run(str(work / "warm"), model, str(work / "w1"), engine="local", progress=False, log=quiet)
-        BI.run(str(work / "warm"), model, str(work / "w2"), engine="ray", replicas=args.replicas, device="cpu", progress=False, log=quiet)
+        BI.run(
+            str(work / "warm"),
+            model,
+            str(work / "w2"),
+            engine="ray",
+            replicas=args.replicas,
+            device="cpu",
+            progress=False,
+            log=quiet,
+        )
         rates = {}
         for engine in ("local", "ray", "local", "ray"):  # alternating: machine drift hits both
             out = work / f"out-{engine}-{len(rates)}"
             t0 = time.perf_counter()
-            m = BI.run(str(work / "src"), model, str(out), engine=engine, replicas=args.replicas, device="cpu", progress=False, log=quiet)
+            m = BI.run(
+                str(work / "src"),
+                model,
+                str(out),
+                engine=engine,
+                replicas=args.replicas,
+                device="cpu",
+                progress=False,
+                log=quiet,
+            )
             rate = len(m["done"]) / (time.perf_counter() - t0)
             rates.setdefault(engine, []).append(rate)
             shutil.rmtree(out, ignore_errors=True)

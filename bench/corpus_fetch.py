@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ce_ray import corpus  # noqa: E402
+from ce_ray.data import corpus  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         print(f"dropped={len(m['dropped'])}")
         print(f"first_fetch_s={first_s:.1f}")
         print(f"second_fetch_s={second_s:.1f}")
-        print(f"second_fetch_downloads={sum('downloaded ' in l and 'nothing' not in l for l in again)}")
+        print(f"second_fetch_downloads={sum('downloaded ' in line and 'nothing' not in line for line in again)}")
         print(f"second_fetch_identical={m2 == m}")
     finally:
         if not args.out and not args.keep:

@@ -1,19 +1,20 @@
-"""Data-path benchmark: Ray Data vs a plain torch Dataset + DataLoader, data stall, memory vs size.
+r"""Data-path benchmark: Ray Data vs a plain torch Dataset + DataLoader, data stall, memory vs size.
 
     .venv/bin/python bench/data_pipeline.py                    # ~3-4 min on a shared 2-core box
     .venv/bin/python bench/data_pipeline.py --skip memory      # ~1 min: throughput and stall only
-    .venv/bin/python bench/data_pipeline.py --shards 32 --mem-shards 32 --mem-repeats 5 --train-batch 64 --train-steps 10
+    .venv/bin/python bench/data_pipeline.py --shards 32 --mem-shards 32 --mem-repeats 5 \
+        --train-batch 64 --train-steps 10
 
 Prints key=value lines, all measured in this one run on this machine:
-- ray_img_per_s: the Ray Data pipeline alone (ce_ray.data: read -> decode -> crop -> flip -> hole
+- ray_img_per_s: the Ray Data pipeline alone (ce_ray.data.stream: read -> decode -> crop -> flip -> hole
   -> iter_train_batches), second epoch, so it includes one epoch start.
-- torch_img_per_s: ce_ray.local_data.LocalTrainStream (an IterableDataset + torch DataLoader with
+- torch_img_per_s: ce_ray.data.local_stream.LocalTrainStream (an IterableDataset + torch DataLoader with
   --loader-workers processes) over the same shards.
 - ray_img_per_s_per_core / loader_img_per_s_per_core / ray_vs_loader_per_core: crops per CPU-second
   that each pipeline's whole process tree spent (target ratio >= 0.8); bytes_per_crop: what one
   crop costs as delivered (uint8 crop + bit-packed hole); cores_per_gpu_needed: a GPU step's img/s
   (--gpu-img-per-s, else estimated from FLOPs) / ray_img_per_s_per_core.
-- stall_ratio: GanStep (the real Context Encoder step, ce_ray/step.py) images/s fed by Ray Data /
+- stall_ratio: GanStep (the real Context Encoder step, ce_ray/core/step.py) images/s fed by Ray Data /
   the same steps fed from in-memory tensors (target >= 0.90). The in-memory runs bracket the Ray
   run and are averaged, so drift from other load on the machine cancels out. The step uses
   --train-threads torch threads (default 1: what a Ray Train worker gets, OMP_NUM_THREADS=1), so
@@ -55,8 +56,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ce_ray import config  # noqa: E402
-from ce_ray.prepare import prepare  # noqa: E402
-from ce_ray.shards import KEY_COLUMN  # noqa: E402
+from ce_ray.data.prepare import prepare  # noqa: E402
+from ce_ray.data.shards import KEY_COLUMN  # noqa: E402
 
 
 def make_shards(root: Path, base: pa.Table, n_shards: int, rows: int) -> str:
@@ -154,8 +155,14 @@ def init_ray(cpus: int, object_store_mb: int, tmp: str) -> None:
 
     from ce_ray import cluster
 
-    cluster.start_local(num_cpus=cpus, dashboard=False, log_level="ERROR", log_to_driver=False,
-                        object_store_memory=object_store_mb * 2**20, _temp_dir=tmp)
+    cluster.start_local(
+        num_cpus=cpus,
+        dashboard=False,
+        log_level="ERROR",
+        log_to_driver=False,
+        object_store_memory=object_store_mb * 2**20,
+        _temp_dir=tmp,
+    )
     cluster.quiet_data_context()
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
@@ -163,13 +170,13 @@ def init_ray(cpus: int, object_store_mb: int, tmp: str) -> None:
 def ray_epoch(ds, cfg) -> tuple[int, float, float, int]:
     """(images, seconds, first-batch seconds, bytes per crop as delivered) for one epoch through
     iter_train_batches."""
-    from ce_ray.data import iter_train_batches
+    from ce_ray.data.stream import iter_train_batches
 
     n, t0, first, per_crop = 0, time.perf_counter(), None, 0
     for images, holes in iter_train_batches(ds.iterator(), cfg, "cpu"):
         if first is None:
             first = time.perf_counter() - t0
-            per_crop = (images.element_size() * images[0].numel() + holes.element_size() * holes[0].numel())
+            per_crop = images.element_size() * images[0].numel() + holes.element_size() * holes[0].numel()
         n += len(images)
     return n, time.perf_counter() - t0, first or 0.0, per_crop
 
@@ -177,7 +184,7 @@ def ray_epoch(ds, cfg) -> tuple[int, float, float, int]:
 def rss_child(args) -> None:
     """--rss-child: stream --epochs epochs of args.rss_child's shards on a fresh Ray cluster."""
     init_ray(args.cpus, args.object_store_mb, args.ray_tmp)
-    from ce_ray.data import build_train_dataset
+    from ce_ray.data.stream import build_train_dataset
 
     cfg = bench_cfg(args.rss_child, args.batch, args)
     ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
@@ -189,40 +196,72 @@ def rss_child(args) -> None:
 
 
 def bench_cfg(shards: str, batch: int, args) -> config.Config:
-    return config.replace(config.Config(), data={"shards": shards, "batch_size": batch, "shuffle_buffer": args.shuffle_buffer,
-                                                "loader_workers": args.loader_workers, "repeat": getattr(args, "repeat", 1)},
-                          train={"precision": args.precision})
+    return config.replace(
+        config.Config(),
+        data={
+            "shards": shards,
+            "batch_size": batch,
+            "shuffle_buffer": args.shuffle_buffer,
+            "loader_workers": args.loader_workers,
+            "repeat": getattr(args, "repeat", 1),
+        },
+        train={"precision": args.precision},
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=8, help="shards in the 1x dataset (throughput, stall, memory)")
     ap.add_argument("--mem-shards", type=int, default=8, help="shards in the 1x dataset of the memory runs")
-    ap.add_argument("--mem-repeats", type=int, default=2, help="memory runs per case (alternating); the median peak counts")
+    ap.add_argument(
+        "--mem-repeats", type=int, default=2, help="memory runs per case (alternating); the median peak counts"
+    )
     ap.add_argument("--photos-per-shard", type=int, default=64)
     ap.add_argument("--scale", type=int, default=10, help="the large memory case has scale x more shards")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the throughput runs")
     ap.add_argument("--shuffle-buffer", type=int, default=256)
     ap.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes of the torch baseline")
-    ap.add_argument("--train-batch", type=int, default=16, help="batch of the stall runs (the paper's 64 takes ~8 s a step on 2 cores)")
+    ap.add_argument(
+        "--train-batch",
+        type=int,
+        default=16,
+        help="batch of the stall runs (the paper's 64 takes ~8 s a step on 2 cores)",
+    )
     ap.add_argument("--train-steps", type=int, default=6, help="timed steps per stall run (after 1 warm-up step)")
     ap.add_argument("--train-threads", type=int, default=1, help="torch threads of the stall runs' step")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray cluster")
-    ap.add_argument("--data-task-cpus", type=float, default=None, help="ce_ray.data.DATA_TASK_CPUS override")
-    ap.add_argument("--read-ahead-mb", type=int, default=0, help="read-ahead cap override in MiB (0: ce_ray.data.read_ahead_bytes())")
-    ap.add_argument("--object-store-mb", type=int, default=1024, help="object store of the memory runs (fixed so both cases get the same)")
+    ap.add_argument("--data-task-cpus", type=float, default=None, help="ce_ray.data.stream.DATA_TASK_CPUS override")
+    ap.add_argument(
+        "--read-ahead-mb",
+        type=int,
+        default=0,
+        help="read-ahead cap override in MiB (0: ce_ray.data.stream.read_ahead_bytes())",
+    )
+    ap.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=1024,
+        help="object store of the memory runs (fixed so both cases get the same)",
+    )
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,stall,memory")
     ap.add_argument("--repeat", type=int, default=1, help="data.repeat: crops cut per decoded photo")
-    ap.add_argument("--gpu-img-per-s", type=float, default=0.0, help="a GPU training step's img/s (bench/gpu_check.sh); 0: estimate it")
-    ap.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="the estimate's dense bf16 peak (H100 / H200 SXM)")
+    ap.add_argument(
+        "--gpu-img-per-s",
+        type=float,
+        default=0.0,
+        help="a GPU training step's img/s (bench/gpu_check.sh); 0: estimate it",
+    )
+    ap.add_argument(
+        "--gpu-peak-tflops", type=float, default=989.0, help="the estimate's dense bf16 peak (H100 / H200 SXM)"
+    )
     ap.add_argument("--assumed-mfu", type=float, default=0.35, help="the estimate's model-FLOP utilisation")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ray-tmp", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.read_ahead = args.read_ahead_mb * 2**20 or None  # None: data.read_ahead_bytes()
-    from ce_ray.data import DATA_TASK_CPUS
+    from ce_ray.data.stream import DATA_TASK_CPUS
 
     if args.data_task_cpus is None:
         args.data_task_cpus = DATA_TASK_CPUS
@@ -244,14 +283,14 @@ def main() -> None:
     print("ray_worker_niceness=0")
     print(f"torch_threads={torch.get_num_threads()}")
     print(f"data_task_cpus={args.data_task_cpus}")
-    print(f"read_ahead_mb={args.read_ahead_mb or 'default (ce_ray.data.read_ahead_bytes)'}")
+    print(f"read_ahead_mb={args.read_ahead_mb or 'default (ce_ray.data.stream.read_ahead_bytes)'}")
     print(f"dataset_images={n1}")
     print(f"shard_mb={os.path.getsize(Path(small) / 'train' / 'part-00000.parquet') / 2**20:.1f}")
 
     if not {"throughput", "stall"} <= skip:
         init_ray(args.cpus, args.object_store_mb, ray_tmp)
-        from ce_ray.data import build_train_dataset
-        from ce_ray.local_data import LocalTrainStream
+        from ce_ray.data.local_stream import LocalTrainStream
+        from ce_ray.data.stream import build_train_dataset
 
     if "throughput" not in skip:
         cfg = bench_cfg(small, args.batch, args)
@@ -286,25 +325,33 @@ def main() -> None:
         gpu = args.gpu_img_per_s
         source = "measured (--gpu-img-per-s)"
         if not gpu:
-            from ce_ray.model import build_discriminator, build_generator, conv_macs
+            from ce_ray.core.model import build_discriminator, build_generator, conv_macs
 
-            g, d = conv_macs(build_generator(cfg.model), (3, s_, s_)), conv_macs(build_discriminator(cfg.model), (3, s_ // 2, s_ // 2))
+            g, d = (
+                conv_macs(build_generator(cfg.model), (3, s_, s_)),
+                conv_macs(build_discriminator(cfg.model), (3, s_ // 2, s_ // 2)),
+            )
             gflop = 2 * (3 * g + 2 * 3 * d) / 1e9
             gpu = args.assumed_mfu * args.gpu_peak_tflops * 1e3 / gflop
-            source = f"estimated: {args.assumed_mfu:.0%} of {args.gpu_peak_tflops:g} TFLOP/s bf16 / {gflop:.2f} GFLOP per image"
+            source = (
+                f"estimated: {args.assumed_mfu:.0%} of {args.gpu_peak_tflops:g} TFLOP/s bf16 / "
+                f"{gflop:.2f} GFLOP per image"
+            )
         print(f"gpu_step_img_per_s={gpu:.0f}")
         print(f"gpu_step_img_per_s_source={source.replace(' ', '_')}")
         print(f"cores_per_gpu_needed={gpu / ray_pc:.0f}")
 
     if "stall" not in skip:
-        from ce_ray.model import build_discriminator, build_generator
-        from ce_ray.step import GanStep
+        from ce_ray.core.model import build_discriminator, build_generator
+        from ce_ray.core.step import GanStep
 
         cfg = bench_cfg(small, args.train_batch, args)
         threads = torch.get_num_threads()
         torch.set_num_threads(args.train_threads)
         torch.manual_seed(0)
-        step = GanStep(build_generator(cfg.model), build_discriminator(cfg.model, cfg.data.fine_size), cfg, torch.device("cpu"))
+        step = GanStep(
+            build_generator(cfg.model), build_discriminator(cfg.model, cfg.data.fine_size), cfg, torch.device("cpu")
+        )
         mem = list(LocalTrainStream(config.replace(cfg, data={"loader_workers": 0})).epoch(0))[: args.train_steps + 1]
 
         def in_memory() -> float:
@@ -315,9 +362,13 @@ def main() -> None:
             return args.train_steps * args.train_batch / (time.perf_counter() - t0)
 
         def from_ray() -> float:
-            from ce_ray.data import iter_train_batches
+            from ce_ray.data.stream import iter_train_batches
 
-            it = iter_train_batches(build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead).iterator(), cfg, "cpu")
+            it = iter_train_batches(
+                build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead).iterator(),
+                cfg,
+                "cpu",
+            )
             step(*next(it))  # warm-up; includes the epoch start
             t0 = time.perf_counter()
             for _ in range(args.train_steps):
@@ -329,7 +380,7 @@ def main() -> None:
         a = in_memory()
         r = from_ray()
         b = in_memory()
-        print("train_step=ce_ray.step.GanStep (paper model: center variant, 4000-d bottleneck)")
+        print("train_step=ce_ray.core.step.GanStep (paper model: center variant, 4000-d bottleneck)")
         print(f"train_batch={args.train_batch}")
         print(f"train_threads={args.train_threads}")
         print(f"train_img_per_s_in_memory={(a + b) / 2:.2f}")
@@ -345,8 +396,24 @@ def main() -> None:
     if "memory" not in skip:
         one = make_shards(work / "m1", base, args.mem_shards, args.photos_per_shard)
         big = make_shards(work / f"m{args.scale}", base, args.mem_shards * args.scale, args.photos_per_shard)
-        me = [sys.executable, __file__, "--batch", str(args.batch), "--cpus", str(args.cpus), "--object-store-mb", str(args.object_store_mb),
-              "--shuffle-buffer", str(args.shuffle_buffer), "--data-task-cpus", str(args.data_task_cpus), "--read-ahead-mb", str(args.read_ahead_mb), "--ray-tmp", ray_tmp]
+        me = [
+            sys.executable,
+            __file__,
+            "--batch",
+            str(args.batch),
+            "--cpus",
+            str(args.cpus),
+            "--object-store-mb",
+            str(args.object_store_mb),
+            "--shuffle-buffer",
+            str(args.shuffle_buffer),
+            "--data-task-cpus",
+            str(args.data_task_cpus),
+            "--read-ahead-mb",
+            str(args.read_ahead_mb),
+            "--ray-tmp",
+            ray_tmp,
+        ]
         runs: dict[str, list] = {"1": [], "k": []}
         for _ in range(args.mem_repeats):  # alternate, so drifting machine load hits both cases
             runs["1"].append(peak_memory(me + ["--rss-child", one, "--epochs", str(args.scale)]))

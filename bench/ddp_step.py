@@ -21,12 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kvlines import emit_lines  # noqa: E402
-
 import ce_ray.config as C  # noqa: E402
-from ce_ray.masks import center_hole  # noqa: E402
-from ce_ray.model import build_discriminator, build_generator  # noqa: E402
-from ce_ray.step import GanStep, unwrap  # noqa: E402
+from bench.kvlines import emit_lines  # noqa: E402
+from ce_ray.core.masks import center_hole  # noqa: E402
+from ce_ray.core.model import build_discriminator, build_generator  # noqa: E402
+from ce_ray.core.step import GanStep, unwrap  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +38,11 @@ def main() -> None:
     ap.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (GPU only, as model.sync_bn)")
     ap.add_argument("--out", default=None, help="also append the key=value lines to this file")
     args = ap.parse_args()
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
     backend = "nccl" if args.device == "cuda" else "gloo"
     t0 = time.perf_counter()
     dist.init_process_group(backend)
@@ -60,7 +63,13 @@ def main() -> None:
     G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
     step = GanStep(G, D, cfg, device)
     images = torch.rand(args.batch, 3, 128, 128, device=device) * 2 - 1
-    holes = torch.from_numpy(center_hole(128, cfg.mask.overlap)).to(device).float().expand(args.batch, 1, 128, 128).contiguous()
+    holes = (
+        torch.from_numpy(center_hole(128, cfg.mask.overlap))
+        .to(device)
+        .float()
+        .expand(args.batch, 1, 128, 128)
+        .contiguous()
+    )
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -74,10 +83,18 @@ def main() -> None:
     dist.all_gather(ws, w)
     same = all(torch.allclose(ws[0], x) for x in ws)
     if rank == 0:
-        lines = [f"ddp_backend={backend}", f"ddp_world_size={world}", f"ddp_init_s={init_s:.2f}",
-                 f"ddp_steps={args.steps}", f"ddp_first_step_s={times[0]:.3f}",
-                 f"ddp_img_per_s={args.batch * world * (len(times) - 1) / max(sum(times[1:]), 1e-9):.1f}" if len(times) > 1 else "ddp_img_per_s=nan",
-                 f"ddp_loss_g={float(m['loss_g']):.4f}", f"ddp_weights_equal_across_ranks={same}"]
+        lines = [
+            f"ddp_backend={backend}",
+            f"ddp_world_size={world}",
+            f"ddp_init_s={init_s:.2f}",
+            f"ddp_steps={args.steps}",
+            f"ddp_first_step_s={times[0]:.3f}",
+            f"ddp_img_per_s={args.batch * world * (len(times) - 1) / max(sum(times[1:]), 1e-9):.1f}"
+            if len(times) > 1
+            else "ddp_img_per_s=nan",
+            f"ddp_loss_g={float(m['loss_g']):.4f}",
+            f"ddp_weights_equal_across_ranks={same}",
+        ]
         emit_lines(lines, args.out)
     dist.destroy_process_group()
 

@@ -25,7 +25,7 @@ def jpegs(shards: str | None, n: int) -> list[bytes]:
     if shards:
         import pyarrow.parquet as pq
 
-        from ce_ray.shards import IMAGE_COLUMN, shard_files
+        from ce_ray.data.shards import IMAGE_COLUMN, shard_files
 
         out: list[bytes] = []
         for split in ("train", "val"):
@@ -38,7 +38,11 @@ def jpegs(shards: str | None, n: int) -> list[bytes]:
     out = []
     for i in range(min(n, 16)):
         yy, xx = np.mgrid[0:350, 0:525] / 525
-        a = (np.stack([np.sin(9 * xx + i), np.cos(7 * yy), np.sin(5 * (xx + yy))], -1) * 100 + 128 + rng.normal(0, 8, (350, 525, 3)))
+        a = (
+            np.stack([np.sin(9 * xx + i), np.cos(7 * yy), np.sin(5 * (xx + yy))], -1) * 100
+            + 128
+            + rng.normal(0, 8, (350, 525, 3))
+        )
         buf = io.BytesIO()
         Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95, subsampling=0)
         out.append(buf.getvalue())

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(model: str, max_batch_size: int, batch_wait_ms: float, threads: int):
     import torch
 
-    from ce_ray.checkpoint import load_generator
     from ce_ray.errors import InpaintError
-    from ce_ray.inpaint import encode_png, image_rgb, inpaint_many, plan, read_image
+    from ce_ray.infer.planner import encode_png, image_rgb, inpaint_many, plan, read_image
+    from ce_ray.infer.resolve import load_generator
 
     torch.set_num_threads(threads)
     loaded = load_generator(model, "cpu")
@@ -45,7 +45,7 @@ def build(model: str, max_batch_size: int, batch_wait_ms: float, threads: int):
                     break
                 try:
                     items.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             try:
                 results = await asyncio.to_thread(inpaint_many, loaded, [p for p, _ in items])
@@ -93,8 +93,13 @@ def main() -> None:
     args = ap.parse_args()
     import uvicorn
 
-    uvicorn.run(build(args.model, args.max_batch_size, args.batch_wait_ms, args.threads), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        build(args.model, args.max_batch_size, args.batch_wait_ms, args.threads),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kvlines import emit_lines  # noqa: E402
-
 import ce_ray.config as C  # noqa: E402
-from ce_ray import inpaint  # noqa: E402
-from ce_ray.checkpoint import LoadedGenerator  # noqa: E402
-from ce_ray.model import build_generator  # noqa: E402
+from bench.kvlines import emit_lines  # noqa: E402
+from ce_ray.core.model import build_generator  # noqa: E402
+from ce_ray.data import images
+from ce_ray.infer import planner as inpaint  # noqa: E402
+from ce_ray.infer.resolve import LoadedGenerator  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,9 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = C.load(args.config)
     torch.manual_seed(0)
-    loaded = LoadedGenerator(model=build_generator(cfg.model).to(device).eval(), config=cfg, step=0, metrics={}, source="untrained")
+    loaded = LoadedGenerator(
+        model=build_generator(cfg.model).to(device).eval(), config=cfg, step=0, metrics={}, source="untrained"
+    )
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -47,10 +49,12 @@ def main() -> None:
     request = buf.getvalue()
     lines = []
     for b in (int(x) for x in args.batches.split(",")):
-        def once() -> None:
-            plans = [inpaint.plan(loaded, inpaint.image_rgb(inpaint.read_image(request))) for _ in range(b)]
+
+        def once(b: int = b) -> None:
+            plans = [inpaint.plan(loaded, images.decode_rgb(request)) for _ in range(b)]
             for out in inpaint.inpaint_many(loaded, plans):
-                inpaint.encode_png(out)
+                images.encode_png(out)
+
         once()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -32,7 +32,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster (docs/ray-notes.md, "Job submission and clusters")
+
+from ce_ray.data import images  # noqa: E402
+
+os.environ.setdefault(
+    "RAY_AUTH_MODE", "disabled"
+)  # a throwaway local cluster (docs/ray-notes.md, "Job submission and clusters")
 
 
 def kv(**items) -> None:
@@ -44,13 +49,17 @@ def paper_checkpoint(dest: Path) -> str:
     """The paper's generator (bottleneck 4000, ngf 64) with fresh weights, as a checkpoint directory."""
     import torch
 
-    from ce_ray import checkpoint
     from ce_ray import config as C
-    from ce_ray.model import build_discriminator, build_generator
+    from ce_ray.core.model import build_discriminator, build_generator
+    from ce_ray.train import checkpoint
 
     cfg = C.Config()
     torch.manual_seed(0)
-    return str(checkpoint.save(dest, G=build_generator(cfg.model), D=build_discriminator(cfg.model), step=0, config=cfg, rng=False))
+    return str(
+        checkpoint.save(
+            dest, G=build_generator(cfg.model), D=build_discriminator(cfg.model), step=0, config=cfg, rng=False
+        )
+    )
 
 
 class Raw:
@@ -63,7 +72,7 @@ class Raw:
     def __init__(self, model_uri: str, image: bytes, batch_sizes: list[int], threads: int):
         import torch
 
-        from ce_ray.checkpoint import load_generator
+        from ce_ray.infer.resolve import load_generator
 
         torch.set_num_threads(threads)
         self.loaded, self.image, self.batch_sizes = load_generator(model_uri, "cpu"), image, batch_sizes
@@ -72,7 +81,7 @@ class Raw:
     def measure(self, repeats: int) -> None:
         import torch
 
-        from ce_ray import inpaint as I
+        from ce_ray.infer import planner as I
 
         with torch.no_grad():
             for b in self.batch_sizes:
@@ -81,17 +90,19 @@ class Raw:
                 t = time.perf_counter()
                 for _ in range(repeats):
                     self.loaded.model(x)
-                self.samples.setdefault(f"raw_forward_ms_batch{b}", []).append((time.perf_counter() - t) / repeats * 1e3)
+                self.samples.setdefault(f"raw_forward_ms_batch{b}", []).append(
+                    (time.perf_counter() - t) / repeats * 1e3
+                )
         spent = 0.0
         for _ in range(repeats):
             t = time.perf_counter()
-            p = I.plan(self.loaded, I.image_rgb(I.read_image(self.image)), None)
+            p = I.plan(self.loaded, images.decode_rgb(self.image), None)
             chosen = p.next_round()
             for i in chosen:
                 p.window_input(i)
             for i in chosen:  # the forward is timed above
                 p.paste(i, np.zeros((3, 128, 128), np.float32))
-            I.encode_png(p.result())
+            images.encode_png(p.result())
             spent += time.perf_counter() - t
         self.samples.setdefault("codec_ms", []).append(spent / repeats * 1e3)
 
@@ -129,7 +140,11 @@ def load(url: str, image: bytes, concurrency: int, n: int) -> dict[str, float]:
             if ok:
                 lat.append(dt)
                 batches.append(int(r.headers.get("X-Ce-Ray-Batch", 1)))
-                timing = dict(part.strip().split(";dur=") for part in r.headers.get("Server-Timing", "").split(",") if ";dur=" in part)
+                timing = dict(
+                    part.strip().split(";dur=")
+                    for part in r.headers.get("Server-Timing", "").split(",")
+                    if ";dur=" in part
+                )
                 server.append({k: float(v) for k, v in timing.items()})
             else:
                 errors += 1
@@ -137,7 +152,14 @@ def load(url: str, image: bytes, concurrency: int, n: int) -> dict[str, float]:
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n)))
-    return {"lat": lat, "batches": batches, "server": server, "errors": errors, "wall": time.perf_counter() - start, "n": n}
+    return {
+        "lat": lat,
+        "batches": batches,
+        "server": server,
+        "errors": errors,
+        "wall": time.perf_counter() - start,
+        "n": n,
+    }
 
 
 def merge(parts: list[dict]) -> dict[str, float]:
@@ -146,14 +168,22 @@ def merge(parts: list[dict]) -> dict[str, float]:
     batches = [x for p in parts for x in p["batches"]]
     ms = np.array(lat) * 1e3 if lat else np.array([float("nan")])
     server = [x for p in parts for x in p["server"] if x]  # the plain server sends no Server-Timing
-    out = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-           "req_per_s": len(lat) / sum(p["wall"] for p in parts), "errors": sum(p["errors"] for p in parts),
-           "mean_batch": float(np.mean(batches)) if batches else 0.0, "requests": sum(p["n"] for p in parts)}
+    out = {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "req_per_s": len(lat) / sum(p["wall"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "mean_batch": float(np.mean(batches)) if batches else 0.0,
+        "requests": sum(p["n"] for p in parts),
+    }
     if server:  # medians of what the replica itself measured
         for key in ("decode", "batch", "model", "encode"):
             out[f"replica_{key}_p50_ms"] = float(np.median([t.get(key, np.nan) for t in server]))
         handler = [t["decode"] + t["batch"] + t["encode"] for t in server]
-        out["outside_handler_p50_ms"] = float(np.median(np.array(lat) * 1e3 - np.array(handler)))  # HTTP, proxy, multipart
+        out["outside_handler_p50_ms"] = float(
+            np.median(np.array(lat) * 1e3 - np.array(handler))
+        )  # HTTP, proxy, multipart
     return out
 
 
@@ -162,21 +192,25 @@ def main() -> int:
     ap.add_argument("--model", default="", help="model URI (default: the paper-size generator, untrained)")
     ap.add_argument("--image", default="crop", help="crop (128x128, default), photo (451x300) or a PNG/JPEG path")
     ap.add_argument("--concurrency", default="1,16,32")
-    ap.add_argument("--requests", type=int, default=160, help="per concurrency level and batching mode (c=1 uses a quarter)")
+    ap.add_argument(
+        "--requests", type=int, default=160, help="per concurrency level and batching mode (c=1 uses a quarter)"
+    )
     ap.add_argument("--soak", type=int, default=1000, help="requests at the highest concurrency, batching on (0: skip)")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica (and for the raw forward)")
     ap.add_argument("--cpus-per-replica", type=float, default=1.0)
-    ap.add_argument("--no-plain", action="store_true", help="skip the plain uvicorn + FastAPI baseline (bench/plain_server.py)")
+    ap.add_argument(
+        "--no-plain", action="store_true", help="skip the plain uvicorn + FastAPI baseline (bench/plain_server.py)"
+    )
     args = ap.parse_args()
 
     import ray
     from ray import serve
 
     from ce_ray import cluster
-    from ce_ray.bundled import load_bundled
-    from ce_ray.serve import build_app
+    from ce_ray.data.bundled import load_bundled
+    from ce_ray.infer.serve import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="ce_ray_bench_"))
     model = args.model or paper_checkpoint(tmp / "paper-untrained")
@@ -192,8 +226,14 @@ def main() -> int:
     else:
         image = Path(args.image).read_bytes()
     levels = [int(c) for c in args.concurrency.split(",")]
-    kv(model=args.model or "paper-size generator (untrained)", image=args.image, image_bytes=len(image), threads=args.threads,
-       max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+    kv(
+        model=args.model or "paper-size generator (untrained)",
+        image=args.image,
+        image_bytes=len(image),
+        threads=args.threads,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+    )
 
     cluster.start_local(num_cpus=2, dashboard=False, log_level="ERROR", _temp_dir=f"/tmp/ce_ray_bench/{os.getpid()}")
     raw = ray.remote(num_cpus=0)(Raw).remote(model, image, sorted({1, args.max_batch_size}), args.threads)
@@ -212,10 +252,27 @@ def main() -> int:
             import subprocess
 
             pport = cluster.free_ports(1)[0]
-            plain = subprocess.Popen(["nice", "-n", "15", sys.executable, str(Path(__file__).with_name("plain_server.py")),
-                                      "--model", model, "--port", str(pport), "--max-batch-size", str(args.max_batch_size),
-                                      "--batch-wait-ms", str(args.batch_wait_ms), "--threads", str(args.threads)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            plain = subprocess.Popen(
+                [
+                    "nice",
+                    "-n",
+                    "15",
+                    sys.executable,
+                    str(Path(__file__).with_name("plain_server.py")),
+                    "--model",
+                    model,
+                    "--port",
+                    str(pport),
+                    "--max-batch-size",
+                    str(args.max_batch_size),
+                    "--batch-wait-ms",
+                    str(args.batch_wait_ms),
+                    "--threads",
+                    str(args.threads),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             import requests
 
             for _ in range(240):
@@ -227,12 +284,23 @@ def main() -> int:
             urls["plain"] = f"http://127.0.0.1:{pport}/v1/inpaint"
             warm = load(urls["plain"], image, 4, 16)
             if warm["errors"]:
-                raise SystemExit(f"bench/plain_server.py answered {warm['errors']:.0f} of 16 warm-up requests with errors; "
-                                 f"run it by hand to see why: {' '.join(plain.args)}")
+                raise SystemExit(
+                    f"bench/plain_server.py answered {warm['errors']:.0f} of 16 warm-up requests with errors; "
+                    f"run it by hand to see why: {' '.join(plain.args)}"
+                )
         for mode, size in (("on", args.max_batch_size), ("off", 1)):
-            serve.run(build_app(model, max_batch_size=size, batch_wait_ms=args.batch_wait_ms if size > 1 else 0.0,
-                                threads=args.threads, cpus_per_replica=args.cpus_per_replica),
-                      name=f"bench-{mode}", route_prefix=f"/{mode}", logging_config=quiet)
+            serve.run(
+                build_app(
+                    model,
+                    max_batch_size=size,
+                    batch_wait_ms=args.batch_wait_ms if size > 1 else 0.0,
+                    threads=args.threads,
+                    cpus_per_replica=args.cpus_per_replica,
+                ),
+                name=f"bench-{mode}",
+                route_prefix=f"/{mode}",
+                logging_config=quiet,
+            )
             urls[mode] = f"http://127.0.0.1:{port}/{mode}/v1/inpaint"
             load(urls[mode], image, 4, 16)  # warm-up: connections, first batches
         for c in levels:
@@ -274,15 +342,23 @@ def main() -> int:
         kv(single_latency_over_raw_plus_codec_batching_on=results[("on", 1)]["p50_ms"] / base)
     if ("off", 1) in results and "replica_model_p50_ms" in results[("off", 1)]:
         r = results[("off", 1)]  # the same ratio against the forward the replica itself timed
-        kv(single_latency_over_replica_model_plus_codec_batching_off=r["p50_ms"] / (r["replica_model_p50_ms"] + raw["codec_ms"]))
+        kv(
+            single_latency_over_replica_model_plus_codec_batching_off=r["p50_ms"]
+            / (r["replica_model_p50_ms"] + raw["codec_ms"])
+        )
     for c in levels:
         if c > 1 and ("on", c) in results and ("off", c) in results:
             kv(**{f"throughput_gain_batching_c{c}": results[("on", c)]["req_per_s"] / results[("off", c)]["req_per_s"]})
     # Against the plain one-process server doing the same work (goals: latency <= 1.15x, throughput >= 0.9x).
     for c in levels:
         if ("plain", c) in results and ("on", c) in results:
-            kv(**{f"serve_vs_plain_c{c}_latency": results[("on", c)]["p50_ms"] / results[("plain", c)]["p50_ms"],
-                  f"serve_vs_plain_c{c}_throughput": results[("on", c)]["req_per_s"] / results[("plain", c)]["req_per_s"]})
+            kv(
+                **{
+                    f"serve_vs_plain_c{c}_latency": results[("on", c)]["p50_ms"] / results[("plain", c)]["p50_ms"],
+                    f"serve_vs_plain_c{c}_throughput": results[("on", c)]["req_per_s"]
+                    / results[("plain", c)]["req_per_s"],
+                }
+            )
     return 0
 
 

@@ -49,14 +49,16 @@ def steady_img_per_s(history: list[dict], warmup: int) -> float:
 def run_local(cfg: C.Config, out: Path) -> float:
     import json
 
-    from ce_ray.local import train_local
+    from ce_ray.train.local import train_local
 
     r = train_local(cfg, run_name=f"local-{time.time_ns()}", log=lambda line: None)
-    return steady_img_per_s([json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()], WARMUP)
+    return steady_img_per_s(
+        [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()], WARMUP
+    )
 
 
 def run_ray(cfg: C.Config) -> float:
-    from ce_ray.train import train
+    from ce_ray.train.driver import train
 
     s = train(cfg, run_name=f"ray-{time.time_ns()}", log=lambda line: None)
     return steady_img_per_s(s.history, WARMUP)
@@ -64,10 +66,22 @@ def run_ray(cfg: C.Config) -> float:
 
 def first_step_seconds(shards: str, work: Path) -> float:
     """`ce-ray train` on the smoke config in a fresh process, timed to rank 0's first step line."""
-    cmd = [sys.executable, "-u", "-m", "ce_ray.cli", "train", "--config", str(ROOT / "tune_configs" / "smoke.yaml"),
-           f"data.shards={shards}", f"train.output_dir={work / 'first_out'}", f"scale.storage_path={work / 'first_runs'}",
-           "train.log_every=1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local cluster, like a user's first run
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "ce_ray.cli",
+        "train",
+        "--config",
+        str(ROOT / "tune_configs" / "smoke.yaml"),
+        f"data.shards={shards}",
+        f"train.output_dir={work / 'first_out'}",
+        f"scale.storage_path={work / 'first_runs'}",
+        "train.log_every=1",
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"
+    }  # a private local cluster, like a user's first run
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = None
@@ -113,7 +127,7 @@ def run(work: Path) -> None:
 
     shards = args.shards
     if not shards:
-        from ce_ray.prepare import prepare
+        from ce_ray.data.prepare import prepare
 
         shards = str(work / "shards")
         prepare("bundled", shards, engine="local", progress=False, rows_per_shard=2)
@@ -122,10 +136,23 @@ def run(work: Path) -> None:
     # window's img/s is taken before its evaluation).
     if steps % args.log_every or args.warmup % args.log_every:
         raise SystemExit("--steps and --warmup must be multiples of --log-every")
-    base = C.load(args.config, [f"data.shards={shards}", f"data.batch_size={args.batch}", f"train.steps={steps}",
-                                f"train.log_every={args.log_every}", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
-                                f"train.output_dir={work / 'out'}", f"scale.storage_path={work / 'runs'}",
-                                "scale.num_workers=1", "scale.cpus_per_worker=1", "mlflow.enabled=false", *args.overrides])
+    base = C.load(
+        args.config,
+        [
+            f"data.shards={shards}",
+            f"data.batch_size={args.batch}",
+            f"train.steps={steps}",
+            f"train.log_every={args.log_every}",
+            f"train.eval_every={steps}",
+            f"train.ckpt_every={steps}",
+            f"train.output_dir={work / 'out'}",
+            f"scale.storage_path={work / 'runs'}",
+            "scale.num_workers=1",
+            "scale.cpus_per_worker=1",
+            "mlflow.enabled=false",
+            *args.overrides,
+        ],
+    )
     # The bundled set has 9 train photos: cut enough crops per photo (data.repeat) that all the
     # measured steps fall in one epoch, as they would with a real photo collection. Otherwise the
     # per-epoch pipeline restart of a 9-photo epoch, an artifact of the tiny set, dominates both.
@@ -134,7 +161,7 @@ def run(work: Path) -> None:
     import pyarrow.parquet as pq
 
     from ce_ray import cluster
-    from ce_ray.shards import shard_files
+    from ce_ray.data.shards import shard_files
 
     photos = sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(base.data.shards, "train"))
     if not any(o.startswith("data.repeat=") for o in args.overrides):

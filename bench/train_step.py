@@ -22,12 +22,18 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kvlines import emit_lines  # noqa: E402
-
 import ce_ray.config as C  # noqa: E402
-from ce_ray.masks import center_hole, center_weights, fill_hole  # noqa: E402
-from ce_ray.model import Discriminator, Generator, build_discriminator, build_generator, conv_macs, count_params, init_weights  # noqa: E402
-from ce_ray.step import GanStep  # noqa: E402
+from bench.kvlines import emit_lines  # noqa: E402
+from ce_ray.core.masks import center_hole, center_weights, fill_hole  # noqa: E402
+from ce_ray.core.model import (
+    Generator,
+    build_discriminator,
+    build_generator,
+    conv_macs,
+    count_params,
+    init_weights,
+)  # noqa: E402
+from ce_ray.core.step import GanStep  # noqa: E402
 
 # Dense bf16 peaks (TFLOP/s) for model-FLOP utilisation on known cards.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -118,7 +124,9 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile G and D (GPU)")
     ap.add_argument("--no-naive", action="store_true", help="skip the port baseline (long GPU sweeps)")
-    ap.add_argument("--config", default=None, help="training config whose model / mask / loss to measure (default: the paper's)")
+    ap.add_argument(
+        "--config", default=None, help="training config whose model / mask / loss to measure (default: the paper's)"
+    )
     ap.add_argument("--prefix", default="", help="prefix for every key (several runs into one --out file)")
     ap.add_argument("--out", default=None, help="also append the key=value lines to this file")
     args = ap.parse_args()
@@ -128,7 +136,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = C.load(args.config, [f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}"])
+    cfg = C.load(
+        args.config, [f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}"]
+    )
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
     G = build_generator(cfg.model).to(device, memory_format=mf)
     D = build_discriminator(cfg.model).to(device, memory_format=mf)
@@ -141,8 +151,14 @@ def main() -> None:
     if args.compile:
         G, D = torch.compile(G), torch.compile(D)
     step = GanStep(G, D, cfg, device)
-    images = (torch.rand(args.batch, 3, 128, 128, device=device) * 2 - 1)
-    holes = torch.from_numpy(center_hole(128, cfg.mask.overlap)).to(device).float().expand(args.batch, 1, 128, 128).contiguous()
+    images = torch.rand(args.batch, 3, 128, 128, device=device) * 2 - 1
+    holes = (
+        torch.from_numpy(center_hole(128, cfg.mask.overlap))
+        .to(device)
+        .float()
+        .expand(args.batch, 1, 128, 128)
+        .contiguous()
+    )
     ips = measure(step, images, holes, args.iters, args.warmup, device)
     out("device", args.device)
     if device.type == "cuda":

@@ -18,11 +18,15 @@ import os
 import random
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ce_ray.errors import UserError
 from ce_ray.fsutil import write_atomic
+
+if TYPE_CHECKING:
+    from ray.data import DataContext
 
 # Set before a trainer starts: Ray Train propagates RAY_TRAIN_* variables from the driver to its
 # controller and workers. Without the first two every worker print comes out twice and a
@@ -74,7 +78,9 @@ def connect_ray(address: str | None = None, *, log_to_driver: bool = True, dashb
     return False
 
 
-def start_local(*, log_to_driver: bool = True, dashboard: bool = True, log_level: str = "WARNING", **init_kwargs: Any) -> None:
+def start_local(
+    *, log_to_driver: bool = True, dashboard: bool = True, log_level: str = "WARNING", **init_kwargs: Any
+) -> None:
     """Start a private local cluster for this process (ray.init(address="local"): never another
     cluster on this machine) with its GCS port pinned and named to its own processes
     (own_cluster_address), Ray Data's console logging at WARNING, and, with `dashboard`, the
@@ -91,8 +97,15 @@ def start_local(*, log_to_driver: bool = True, dashboard: bool = True, log_level
         from ray.data._internal.logging import configure_logging
 
         configure_logging()  # this process may have imported Ray Data before the variable was set
-    kwargs: dict[str, Any] = {"address": "local", "logging_config": ray.LoggingConfig(log_level=log_level),
-                              "log_to_driver": log_to_driver, "include_dashboard": dashboard}
+    # Our local clusters listen on 127.0.0.1 only and keep Ray's token authentication on; Ray's
+    # start-up notice that it turned it on by default is noise on every command.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    kwargs: dict[str, Any] = {
+        "address": "local",
+        "logging_config": ray.LoggingConfig(log_level=log_level),
+        "log_to_driver": log_to_driver,
+        "include_dashboard": dashboard,
+    }
     if dashboard:
         kwargs["dashboard_host"] = LOOPBACK
     kwargs.update(init_kwargs)
@@ -117,8 +130,10 @@ def free_ports(n: int) -> list[int]:
         ports.append(port)
         if len(ports) == n:
             return ports
-    raise UserError(f"not enough free TCP ports in {PORT_RANGE[0]}-{PORT_RANGE[1]} for a local Ray cluster; "
-                    "free some, or start Ray yourself and set RAY_ADDRESS")
+    raise UserError(
+        f"not enough free TCP ports in {PORT_RANGE[0]}-{PORT_RANGE[1]} for a local Ray cluster; "
+        "free some, or start Ray yourself and set RAY_ADDRESS"
+    )
 
 
 @contextlib.contextmanager
@@ -147,7 +162,7 @@ def ray_data_logging_file() -> str:
     import yaml
     from ray.data._internal.logging import DEFAULT_CONFIG
 
-    conf = copy.deepcopy(DEFAULT_CONFIG)
+    conf: dict[str, Any] = copy.deepcopy(DEFAULT_CONFIG)
     conf["handlers"]["console"]["level"] = "WARNING"
     text = yaml.safe_dump(conf)
     path = Path(tempfile.gettempdir()) / f"ce_ray_data_logging_{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
@@ -156,7 +171,7 @@ def ray_data_logging_file() -> str:
     return str(path)
 
 
-def quiet_data_context(ctx=None, *, progress_to_logs: bool = False) -> None:
+def quiet_data_context(ctx: DataContext | None = None, *, progress_to_logs: bool = False) -> None:
     """No Ray Data progress bars or plan banners above the progress line, in `ctx` (default: this
     process's current DataContext, which a trainer copies when it is constructed: call this
     before). `progress_to_logs`: on a cluster whose Ray Data console handler is at WARNING

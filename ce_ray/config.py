@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -244,7 +244,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config key '{key}': expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(cast(type, tp), value, key)
     raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")  # a bug, not user input
 
 
@@ -276,7 +276,12 @@ def _check(cfg: Config) -> None:
 
     d, m, mo, lo, o, t, s = cfg.data, cfg.mask, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.scale
     # Five stride-2 convolutions then a 4x4 valid conv: the encoder needs 128 = 4 * 2**5.
-    need(d.fine_size == FINE_SIZE, "data.fine_size", f"the network is built for {FINE_SIZE}x{FINE_SIZE} crops (5 stride-2 convs + a 4x4 bottleneck), got {d.fine_size}")
+    need(
+        d.fine_size == FINE_SIZE,
+        "data.fine_size",
+        f"the network is built for {FINE_SIZE}x{FINE_SIZE} crops (5 stride-2 convs + a 4x4 bottleneck), "
+        f"got {d.fine_size}",
+    )
     need(d.load_size >= d.fine_size, "data.load_size", f"must be >= data.fine_size ({d.fine_size})")
     need(d.batch_size >= 2, "data.batch_size", "must be >= 2 (BatchNorm needs more than one sample)")
     need(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
@@ -284,11 +289,17 @@ def _check(cfg: Config) -> None:
     need(d.repeat >= 1, "data.repeat", "must be >= 1")
     need(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     need(0 <= d.scale_jitter < 1, "data.scale_jitter", f"must be in [0, 1), got {d.scale_jitter}")
-    need(d.load_size * (1 - d.scale_jitter) >= d.fine_size, "data.scale_jitter",
-         f"load_size * (1 - scale_jitter) must stay >= fine_size ({d.fine_size}); lower it")
+    need(
+        d.load_size * (1 - d.scale_jitter) >= d.fine_size,
+        "data.scale_jitter",
+        f"load_size * (1 - scale_jitter) must stay >= fine_size ({d.fine_size}); lower it",
+    )
     need(0 <= m.overlap < d.fine_size // 4, "mask.overlap", f"must be in [0, {d.fine_size // 4})")
-    need(m.overlap_weight > 0 or (m.overlap_weight == 0 and mo.variant == "full"), "mask.overlap_weight",
-         "must be > 0 (0, the loss on the hole alone, is for model.variant=full)")
+    need(
+        m.overlap_weight > 0 or (m.overlap_weight == 0 and mo.variant == "full"),
+        "mask.overlap_weight",
+        "must be > 0 (0, the loss on the hole alone, is for model.variant=full)",
+    )
     need(m.fill_cycles >= 0, "mask.fill_cycles", "must be >= 0")
     need(0 < m.max_coverage <= 0.5, "mask.max_coverage", "must be in (0, 0.5]")
     need(m.num_blocks >= 1, "mask.num_blocks", "must be >= 1")
@@ -299,7 +310,11 @@ def _check(cfg: Config) -> None:
         except ValueError as e:
             need(False, "mask.families", str(e))
     if mo.variant == "center":
-        need(m.kind == "center", "mask.kind", "model.variant 'center' only fills the centre hole; use model.variant=full for random masks")
+        need(
+            m.kind == "center",
+            "mask.kind",
+            "model.variant 'center' only fills the centre hole; use model.variant=full for random masks",
+        )
     need(mo.bottleneck >= 1, "model.bottleneck", "must be >= 1")
     need(mo.ngf >= 1, "model.ngf", "must be >= 1")
     need(mo.ndf >= 1, "model.ndf", "must be >= 1")
@@ -322,17 +337,20 @@ def _check(cfg: Config) -> None:
     need(s.max_failures >= -1, "scale.max_failures", "must be >= -1 (-1 = retry forever)")
     need(s.checkpoints_to_keep >= 1, "scale.checkpoints_to_keep", "must be >= 1")
     # PyTorch DDP rejects SyncBatchNorm on CPU modules ("SyncBatchNorm layers only work with GPU modules").
-    need(not (mo.sync_bn and s.num_workers > 1 and not s.use_gpu), "model.sync_bn",
-         "needs GPU workers (scale.use_gpu=true); set model.sync_bn=false for CPU training")
+    need(
+        not (mo.sync_bn and s.num_workers > 1 and not s.use_gpu),
+        "model.sync_bn",
+        "needs GPU workers (scale.use_gpu=true); set model.sync_bn=false for CPU training",
+    )
 
 
-def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg: Config = _build(Config, data)
     _check(cfg)
     return cfg
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
@@ -340,7 +358,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
     """`{"train.steps": 1000, ...}`: one MLflow param per leaf."""
     out: dict[str, Any] = {}
 
-    def walk(d: dict, prefix: str) -> None:
+    def walk(d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
@@ -359,7 +377,7 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to a nested dict (a copy)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
@@ -377,10 +395,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} not found; pass a YAML from tune_configs/ (e.g. tune_configs/smoke.yaml)")
+        raise UserError(
+            f"config file {str(p)!r} not found; pass a YAML from tune_configs/ (e.g. tune_configs/smoke.yaml)"
+        )
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -392,16 +412,15 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the paper's defaults when `path` is None) and apply overrides."""
     data = read_yaml(path) if path else {}
     return from_dict(apply_overrides(data, overrides or []))
 
 
-def replace(cfg: Config, **sections: dict) -> Config:
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     """A copy with some keys changed, re-validated: `replace(cfg, train={"steps": 5})`."""
     data = to_dict(cfg)
     for name, changes in sections.items():
         data[name].update(changes)
     return from_dict(data)
-

@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 FILE_SCHEME = "file://"
 
@@ -30,7 +31,7 @@ def is_uri(path: str) -> bool:
 
 def local_path(path: str) -> str:
     """A local path without its file:// scheme (other strings unchanged)."""
-    return path[len(FILE_SCHEME):] if path.startswith(FILE_SCHEME) else path
+    return path[len(FILE_SCHEME) :] if path.startswith(FILE_SCHEME) else path
 
 
 def absolute(path: str) -> str:
@@ -46,7 +47,7 @@ def fs_and_path(path: str) -> tuple[Any, str]:
     if is_uri(path):
         import fsspec  # lazy: only remote paths need it
 
-        return fsspec.core.url_to_fs(path)
+        return cast(tuple[Any, str], fsspec.core.url_to_fs(path))
     return None, local_path(path)
 
 
@@ -57,7 +58,7 @@ def exists(path: str) -> bool:
     import pyarrow.fs
 
     fs, p = pyarrow.fs.FileSystem.from_uri(path)
-    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+    return cast(bool, fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound)
 
 
 def read_bytes(path: str) -> bytes:
@@ -66,7 +67,7 @@ def read_bytes(path: str) -> bytes:
         import fsspec  # lazy: only remote paths need it
 
         with fsspec.open(path, "rb") as f:
-            return f.read()
+            return cast(bytes, f.read())
     with open(local_path(path), "rb") as f:
         return f.read()
 
@@ -74,7 +75,7 @@ def read_bytes(path: str) -> bytes:
 # --- Atomic writes -------------------------------------------------------------------------------
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
     """Write `data` to a temp file beside `path`, then rename it into place: a reader (or a
     killed run) never sees half a file."""
     path = Path(path)
@@ -114,7 +115,7 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)
 
 
-def write_dir(dest: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+def write_dir(dest: str | os.PathLike[str], fill: Callable[[Path], Any]) -> Path:
     """Build the folder `dest` atomically: `fill(tmp)` writes into a fresh temp folder beside it,
     which then replaces `dest` (replace_dir); on any error the temp folder is removed and `dest`
     is left as it was."""
@@ -130,6 +131,6 @@ def write_dir(dest: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
     return dest
 
 
-def copy_dir(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def copy_dir(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """Copy the folder `src` to `dest` atomically (write_dir), replacing any folder there."""
     return write_dir(dest, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))

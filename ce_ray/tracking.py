@@ -1,9 +1,9 @@
 """Everything that talks to MLflow: stores, training, sweep and evaluation runs, registry, downloads.
 
-Only ce_ray/mlflow_model.py, the logged model's code, imports mlflow too. Here: where the
+Only ce_ray/infer/pyfunc.py, the logged model's code, imports mlflow too. Here: where the
 tracking store is, one MLflow run per training run, rank 0's metrics and picture grids, the final
 checkpoint, the generator registered as a model version; the sweep's parent and child runs
-(tune.py); evaluation results (evaluate.py); models:/ and runs:/ downloads (checkpoint.resolve)
+(tune.py); evaluation results (evaluate.py); models:/ and runs:/ downloads (resolve.py)
 and registry versions (serve.py). mlflow is imported inside the functions.
 
 Who does what in a training run (docs/ray-notes.md, "MLflow stores"):
@@ -27,29 +27,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
-import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
 from ce_ray.fsutil import is_uri
 
 if TYPE_CHECKING:
-    from ce_ray.loop import Tracker
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 TAG_RUN_PATH = "ce_ray.run_path"  # the Ray Train run folder: identifies the MLflow run to reopen on resume
 TAG_RUN_NAME = "ce_ray.run_name"
-MODEL_NAME = "generator"  # artifact name of the logged pyfunc model
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
-MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"  # logged as source ("models from code")
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # model URIs that resolve through MLflow
 WARN_EVERY_S = 60.0  # best-effort writes warn at most this often
 
@@ -69,11 +66,14 @@ def tracking_uri(cfg: C.Config) -> str:
     if not uri:
         return f"sqlite:///{Path(cfg.train.output_dir).resolve() / DB_FILE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     if not is_uri(uri):  # a path or file:// URI: MLflow's file store
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-            raise UserError(f"MLflow tracking URI {uri!r} is a file store, which MLflow 3.17 keeps in maintenance mode; "
-                            "use sqlite:///path/to/mlflow.db or a server (http://127.0.0.1:5000) via mlflow.tracking_uri or MLFLOW_TRACKING_URI")
+            raise UserError(
+                f"MLflow tracking URI {uri!r} is a file store, which MLflow 3.17 keeps in maintenance mode; "
+                "use sqlite:///path/to/mlflow.db or a server (http://127.0.0.1:5000) via mlflow.tracking_uri "
+                "or MLFLOW_TRACKING_URI"
+            )
     return uri
 
 
@@ -118,28 +118,37 @@ class RunHandle:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, str] | None) -> "RunHandle | None":
+    def from_dict(cls, d: dict[str, str] | None) -> RunHandle | None:
         return cls(**d) if d else None
 
 
 @contextlib.contextmanager
 def using(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (and `download`, i.e. checkpoint.resolve of models:/ URIs) pointed at `uri` for a block.
+    """MLflow's fluent API (and `download`, i.e. resolve.checkpoint_dir of models:/ URIs) pointed at `uri` for a block.
     mlflow.set_tracking_uri alone would also export MLFLOW_TRACKING_URI to this process for good,
     and every later run in it (and every subprocess) would silently log to that store."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    # _use_tracking_uri restores MLflow's global but *unsets* MLFLOW_TRACKING_URI on the way out
+    # when that global was unset, dropping a store the user exported; put the variable back as it was.
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def _client(uri: str | None):
+def _client(uri: str | None) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """The one parameter batcher: params as strings, MAX_PARAMS_PER_BATCH per log_batch."""
     from mlflow.entities import Param
 
@@ -148,7 +157,7 @@ def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
 
-def _metrics(metrics: dict[str, float], step: int) -> list:
+def _metrics(metrics: dict[str, float], step: int) -> list[Metric]:
     """MLflow Metric entities for one step, stamped now."""
     from mlflow.entities import Metric
 
@@ -179,11 +188,13 @@ class Store:
         self.uri = uri
         self.client = _client(uri)
 
-    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None) -> str:
+    def create_run(
+        self, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None
+    ) -> str:
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         if params:
             _log_params(self.client, run.info.run_id, params)
-        return run.info.run_id
+        return cast(str, run.info.run_id)
 
     def reopen(self, run_id: str) -> None:
         """A finished or killed run back to RUNNING (a resumed sweep or trial writes on into it)."""
@@ -199,7 +210,7 @@ class Store:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, str(v))
 
-    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def log_artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
@@ -207,7 +218,7 @@ class Store:
 
     def tag_model_version(self, model_uri: str, tags: dict[str, Any]) -> None:
         """Tags on a registered version, given as models:/<name>/<version>."""
-        name, version = model_uri[len("models:/"):].rsplit("/", 1)
+        name, version = model_uri[len("models:/") :].rsplit("/", 1)
         for k, v in tags.items():
             self.client.set_model_version_tag(name, version, k, str(v))
 
@@ -231,10 +242,18 @@ def ensure_experiment(cfg: C.Config, uri: str) -> str:
                     raise
                 exp = client.get_experiment_by_name(name)
     except MlflowException as e:
-        raise UserError(f"cannot reach the MLflow tracking store {uri}: {e.message}; check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+        raise UserError(
+            f"cannot reach the MLflow tracking store {uri}: {e.message}; "
+            "check mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+        ) from None
+    if exp is None:  # created by another run, then gone again before we could read it
+        raise UserError(f"MLflow experiment {name!r} was created concurrently but is not found in {uri}; try again")
     if exp.lifecycle_stage == "deleted":
-        raise UserError(f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
-                        "or set mlflow.experiment to another name")
+        raise UserError(
+            f"MLflow experiment {name!r} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
+            "or set mlflow.experiment to another name"
+        )
     return exp.experiment_id
 
 
@@ -259,8 +278,12 @@ def start_run(cfg: C.Config, *, run_name: str, run_path: str, resume: bool) -> R
     store = Store(uri)
     params = _params(cfg)
     if resume:
-        found = store.client.search_runs([exp_id], filter_string=f"tags.`{TAG_RUN_PATH}` = '{run_path}'",
-                                         order_by=["attributes.start_time DESC"], max_results=1)
+        found = store.client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{TAG_RUN_PATH}` = '{run_path}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if found:
             run = found[0]
             store.reopen(run.info.run_id)
@@ -293,7 +316,7 @@ def end_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
 
 def artifact_dir(handle: RunHandle) -> str:
     """The run's artifact root: a local folder for local stores, else the artifact URI."""
-    uri = _client(handle.tracking_uri).get_run(handle.run_id).info.artifact_uri
+    uri = cast(str, _client(handle.tracking_uri).get_run(handle.run_id).info.artifact_uri)
     if uri.startswith("file://"):
         from urllib.parse import unquote, urlparse
 
@@ -301,43 +324,9 @@ def artifact_dir(handle: RunHandle) -> str:
     return uri
 
 
-def log_checkpoint(handle: RunHandle, ckpt_dir: str | os.PathLike) -> None:
+def log_checkpoint(handle: RunHandle, ckpt_dir: str | os.PathLike[str]) -> None:
     """The final checkpoint (weights, optimiser states, RNG, config) as run artifacts under checkpoint/."""
     _client(handle.tracking_uri).log_artifacts(handle.run_id, str(ckpt_dir), artifact_path="checkpoint")
-
-
-def _requirements() -> list[str]:
-    """Pinned to what trained the model; explicit so that logging never asks pip (offline hosts)."""
-    import mlflow
-    import numpy
-    import torch
-    import yaml
-
-    import ce_ray
-
-    return [f"ce-ray=={ce_ray.__version__}", f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
-            f"pyyaml=={yaml.__version__}", f"mlflow=={mlflow.__version__}"]
-
-
-# What the registered pyfunc accepts (mlflow_model.py). An MLflow signature holds one input layout
-# and enforces it, so the signature declares the output and these forms live in the model's metadata.
-PYFUNC_INPUTS = {
-    "image": "(H, W, 3) uint8 RGB photo of any size -> (H, W, 3) uint8 with the centre region filled",
-    "image+mask": "{'image': (H, W, 3) uint8, 'mask': (H, W) white = hole} -> (H, W, 3) uint8",
-    "list": "a list of photos (arrays or encoded bytes) -> a list of (H, W, 3) uint8",
-    "dataframe": "columns 'image' (PNG/JPEG bytes, or base64 text in JSON) and optional 'mask' -> column 'image' of PNG bytes",
-    "crops": "(B, 3, S, S) float32 in [-1, 1] with the hole anywhere (filled by the model's own fill) -> the same shape, inpainted",
-}
-
-
-def _signature(cfg: C.Config):
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    # Inputs: every form of PYFUNC_INPUTS (no single schema holds them; a declared one would be
-    # enforced and refuse the others). Output: an RGB image per input photo.
-    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3), name="image")]))
 
 
 def is_mlflow_uri(uri: str) -> bool:
@@ -353,8 +342,10 @@ def download(uri: str) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:
-        raise UserError(f"cannot fetch {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {e}. "
-                        "Check the name/version and MLFLOW_TRACKING_URI") from None
+        raise UserError(
+            f"cannot fetch {uri!r} from MLflow ({mlflow.get_tracking_uri()}): {e}. "
+            "Check the name/version and MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def registered_version(name: str, alias: str | None = None) -> str | None:
@@ -369,8 +360,16 @@ def registered_version(name: str, alias: str | None = None) -> str | None:
         return None
 
 
-def log_to_run(run_id: str, metrics: dict[str, float], *, step: int, files: Iterable[str | os.PathLike] = (),
-               artifact_path: str | None = None, tracking_uri: str | None = None, hint: str = "") -> None:
+def log_to_run(
+    run_id: str,
+    metrics: dict[str, float],
+    *,
+    step: int,
+    files: Iterable[str | os.PathLike[str]] = (),
+    artifact_path: str | None = None,
+    tracking_uri: str | None = None,
+    hint: str = "",
+) -> None:
     """Metrics (at `step`) and files (under `artifact_path`) into an existing run of the store
     `tracking_uri` (default: resolve_uri()), through a client bound to it: neither MLflow's
     process-wide URI changes nor a finished run is reopened. UserError (plus `hint`) when the run
@@ -385,78 +384,6 @@ def log_to_run(run_id: str, metrics: dict[str, float], *, step: int, files: Iter
         for f in files:
             client.log_artifact(run_id, str(f), artifact_path=artifact_path)
     except MlflowException as e:
-        raise UserError(f"cannot log to MLflow run {run_id!r} at {client.tracking_uri}: {e}.{' ' + hint if hint else ''}") from None
-
-
-def export_generator_checkpoint(ckpt_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """meta.json + model.pt of a checkpoint (no optimiser or RNG state): what inference needs."""
-    from ce_ray import checkpoint as ckpt_io
-
-    src, dest = Path(ckpt_dir), Path(dest)
-    ckpt_io.read_meta(src)  # a clear error if it is not a checkpoint
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (ckpt_io.META_FILE, ckpt_io.MODEL_FILE):
-        shutil.copyfile(src / f, dest / f)
-    return dest
-
-
-def register_generator(handle: RunHandle, ckpt_dir: str | os.PathLike, cfg: C.Config) -> str:
-    """Log the generator as a pyfunc model *from code* (ce_ray/mlflow_model.py + the checkpoint
-    directory as an artifact, no pickle) and register it as a new version of
-    cfg.mlflow.registered_model. Returns "models:/<name>/<version>"."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")  # offline: never run pip
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with using(handle.tracking_uri), tempfile.TemporaryDirectory(prefix="ce_ray_export_") as tmp, warnings.catch_warnings():
-        # The explicit signature already says what goes in and out; an input example would
-        # store a 200 KB tensor with every version.
-        warnings.filterwarnings("ignore", message=r".*An input example was not provided")
-        export = export_generator_checkpoint(ckpt_dir, Path(tmp) / "checkpoint")
-        with mlflow.start_run(run_id=handle.run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(MODEL_CODE),
-                artifacts={"checkpoint": str(export)},
-                registered_model_name=cfg.mlflow.registered_model,
-                signature=_signature(cfg),
-                metadata={"inputs": PYFUNC_INPUTS, "fine_size": cfg.data.fine_size, "variant": cfg.model.variant},
-                pip_requirements=_requirements(),
-            )
-    version = info.registered_model_version
-    if version is None:  # cannot happen with registered_model_name set; say so rather than guess
-        raise RuntimeError("MLflow did not return a registered model version")
-    return f"models:/{cfg.mlflow.registered_model}/{version}"
-
-
-# --- Worker side (rank 0) ------------------------------------------------------------------------
-
-
-class MlflowTracker:
-    """loop.py's Tracker on rank 0: metrics per step and picture grids into the driver's run.
-    A tracking-store hiccup prints a warning and training goes on: losing a metric point is
-    better than losing the run (the checkpoints and metrics.jsonl still have everything)."""
-
-    def __init__(self, handle: RunHandle):
-        self.handle = handle
-        self.client = _client(handle.tracking_uri)
-        self._warn = RateLimitedWarning()
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        try:
-            self.client.log_batch(self.handle.run_id, metrics=_metrics(metrics, step))
-        except Exception as e:
-            self._warn("log_metrics", self.handle.tracking_uri, e)
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        try:
-            self.client.log_artifact(self.handle.run_id, str(path), artifact_path)
-        except Exception as e:
-            self._warn("log_artifact", self.handle.tracking_uri, e)
-
-
-def worker_tracker(handle: RunHandle | None, rank: int) -> "Tracker":
-    """The tracker a worker hands to loop.run: MLflow on rank 0, a no-op elsewhere or when off."""
-    from ce_ray.loop import NullTracker
-
-    return MlflowTracker(handle) if (handle is not None and rank == 0) else NullTracker()
+        raise UserError(
+            f"cannot log to MLflow run {run_id!r} at {client.tracking_uri}: {e}.{' ' + hint if hint else ''}"
+        ) from None

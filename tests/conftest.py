@@ -52,7 +52,7 @@ def bundled_shards(tmp_path_factory):
     """`ce-ray prepare bundled` (12 photos: 9 train, 3 val) with 2 rows per shard, so file-order
     shuffling and sharding have several files to work with. Prepared in-process (no Ray).
     Read-only: tests that need to modify shards make their own."""
-    from ce_ray.prepare import prepare
+    from ce_ray.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("bundled") / "shards"
     prepare("bundled", str(out), rows_per_shard=2, engine="local", progress=False)
@@ -66,17 +66,20 @@ def tiny_checkpoint(tmp_path_factory):
     tests; no Ray. ~3 s on 2 cores."""
     import numpy as np
     import torch
+    from helpers import random_crops
 
-    from ce_ray import checkpoint
     from ce_ray import config as C
-    from ce_ray.masks import holes_for
-    from ce_ray.metrics import hole_errors, summarize
-    from ce_ray.model import build_discriminator, build_generator
-    from ce_ray.bundled import load_bundled
-    from ce_ray.crops import random_crops, resize_shorter
-    from ce_ray.step import GanStep, predict
+    from ce_ray.core.masks import holes_for
+    from ce_ray.core.metrics import hole_errors, summarize
+    from ce_ray.core.model import build_discriminator, build_generator
+    from ce_ray.core.step import GanStep, predict
+    from ce_ray.data.bundled import load_bundled
+    from ce_ray.data.crops import resize_shorter
+    from ce_ray.train import checkpoint
 
-    cfg = C.from_dict({"model": {"bottleneck": 64, "ngf": 8, "ndf": 8}, "data": {"batch_size": 16}, "train": {"steps": 60}})
+    cfg = C.from_dict(
+        {"model": {"bottleneck": 64, "ngf": 8, "ndf": 8}, "data": {"batch_size": 16}, "train": {"steps": 60}}
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on a shared 2-core box: 1 thread ran 10x faster than 2
     torch.manual_seed(0)
@@ -86,10 +89,32 @@ def tiny_checkpoint(tmp_path_factory):
     G, D = build_generator(cfg.model), build_discriminator(cfg.model)
     step = GanStep(G, D, cfg, torch.device("cpu"))
     for _ in range(cfg.train.steps):
-        crops = [c for i in rng.integers(0, len(train), cfg.data.batch_size) for c in random_crops(train[i], 128, 1, rng, True)]
+        crops = [
+            c
+            for i in rng.integers(0, len(train), cfg.data.batch_size)
+            for c in random_crops(train[i], 128, 1, rng, True)
+        ]
         step(torch.from_numpy(np.stack(crops)), torch.from_numpy(holes_for(cfg.mask, 128, len(crops), rng)))
     images = torch.from_numpy(np.stack([c for p in val for c in random_crops(p, 128, 4, rng, False)]))
     holes = torch.from_numpy(holes_for(cfg.mask, 128, len(images), rng))
     metrics = {f"val_{k}": v for k, v in summarize(hole_errors(predict(G, images, holes, cfg), images, holes)).items()}
     torch.set_num_threads(threads)
-    return checkpoint.save(tmp_path_factory.mktemp("tiny") / "tiny-ce", G=G, D=D, step=cfg.train.steps, config=cfg, metrics=metrics)
+    return checkpoint.save(
+        tmp_path_factory.mktemp("tiny") / "tiny-ce", G=G, D=D, step=cfg.train.steps, config=cfg, metrics=metrics
+    )
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STRAYS = ("mlflow.db", "mlruns", "outputs")  # what a test must never leave in the checkout
+
+
+@pytest.fixture(autouse=True)
+def _no_files_left_in_the_checkout():
+    """Tests write under tmp_path only: a store or run folder appearing in the repository (or the
+    working directory) means some code path fell back to a default location; fail the test that did it."""
+    places = {_REPO, os.getcwd()}
+    before = {(p, s) for p in places for s in _STRAYS if os.path.exists(os.path.join(p, s))}
+    yield
+    after = {(p, s) for p in places for s in _STRAYS if os.path.exists(os.path.join(p, s))}
+    new = sorted(os.path.join(p, s) for p, s in after - before)
+    assert not new, f"this test left {new} behind (a default path instead of tmp_path)"

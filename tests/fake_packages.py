@@ -1,6 +1,6 @@
 """Builders for the small containers the corpus tests read: Qt .rcc resource files, Debian .deb
 packages, wheels, jigzo puzzles, and photo-like images. Written from the format descriptions in
-docs/corpus.md, independently of ce_ray/containers.py, so a reader bug cannot hide in a writer
+docs/corpus.md, independently of ce_ray/data/containers.py, so a reader bug cannot hide in a writer
 that shares its code."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def photo(seed: int, size: tuple[int, int] = (320, 288), grey: bool = False) -> 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
     chans = []
-    for c in range(3):
+    for _ in range(3):
         f = rng.uniform(1, 6, size=2)
         p = rng.uniform(0, 6.28, size=2)
         chans.append(0.5 + 0.25 * np.sin(f[0] * 6.28 * xx + p[0]) + 0.25 * np.cos(f[1] * 6.28 * yy + p[1]))
@@ -122,8 +122,11 @@ def _tar_xz(files: dict[str, bytes]) -> bytes:
 
 def deb(files: dict[str, bytes]) -> bytes:
     """A .deb: an ar archive of debian-binary, control.tar.xz and data.tar.xz."""
-    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", _tar_xz({"control": b"Package: fake\n"})),
-               ("data.tar.xz", _tar_xz(files))]
+    members = [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", _tar_xz({"control": b"Package: fake\n"})),
+        ("data.tar.xz", _tar_xz(files)),
+    ]
     out = bytearray(b"!<arch>\n")
     for name, data in members:
         out += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}".encode() + b"`\n"
@@ -148,5 +151,8 @@ def pzl(picture: Image.Image, box: tuple[int, int, int, int], texture: int = 64)
     canvas = Image.new("RGB", (texture * 4, texture * 4), (0, 0, 0))
     canvas.paste(picture.crop((0, 0, w, h)), (x, y))
     pieces = encode(picture.resize((texture // 2, texture // 2)))
-    header = f"PzlF\n0.1\nfake\nhttp://example.invalid/\nfake.map\n12\n#texture map data\ncrop000 0 0 8 8\nimage {x} {y} {w} {h} 1 1    \nfake-t.jpg\n{len(pieces)}\n".encode()
+    header = (
+        "PzlF\n0.1\nfake\nhttp://example.invalid/\nfake.map\n12\n#texture map data\ncrop000 0 0 8 8\n"
+        f"image {x} {y} {w} {h} 1 1    \nfake-t.jpg\n{len(pieces)}\n"
+    ).encode()
     return header + pieces + b"\n" + encode(canvas)

@@ -25,12 +25,12 @@ from ce_ray import cluster  # noqa: E402
 cluster.set_env_defaults()
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import probes  # noqa: E402  (tests/, this script's folder)
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-import probes  # noqa: E402  (tests/, this script's folder)
 from ce_ray import config as C  # noqa: E402
-from ce_ray import train as T  # noqa: E402
+from ce_ray.train import driver as T  # noqa: E402
 
 
 def main(shards: str, workdir: str, probe_dir: str) -> None:
@@ -39,25 +39,48 @@ def main(shards: str, workdir: str, probe_dir: str) -> None:
     # The cluster's processes inherit RAY_ADDRESS naming its own GCS: Train's placement-group
     # cleaner looks the cluster up without an address, which is ambiguous with the other Ray
     # clusters on this machine (see cluster.own_cluster_address).
-    gcs_port, dash_port, agent_head, agent_worker = cluster.free_ports(4)  # below the ephemeral range (cluster.PORT_RANGE)
+    gcs_port, dash_port, agent_head, agent_worker = cluster.free_ports(
+        4
+    )  # below the ephemeral range (cluster.PORT_RANGE)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     # 2 logical CPUs per node (on a 2-core machine: oversubscribed, which is fine for a test):
     # a 0.5-CPU Train worker plus Ray Data's 1-CPU decode tasks (data.DATA_TASK_CPUS) must fit on
     # one node; with 1 CPU per node no node could ever start a decode task and training would hang.
     node = {"num_cpus": 2, "dashboard_agent_listen_port": agent_head}
-    nodes = Cluster(initialize_head=True, head_node_args={
-        **node, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash_port,
-        "temp_dir": temp_dir})
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **node,
+            "gcs_server_port": gcs_port,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dash_port,
+            "temp_dir": temp_dir,
+        },
+    )
     try:
         nodes.add_node(**{**node, "dashboard_agent_listen_port": agent_worker})
         nodes.wait_for_nodes()
         cluster.connect_ray(nodes.address)
         cluster.quiet_data_context()
-        cfg = C.load(ROOT / "tune_configs" / "smoke.yaml", [
-            f"data.shards={shards}", f"train.output_dir={workdir}/out", f"scale.storage_path={workdir}/runs",
-            "scale.num_workers=2", "scale.cpus_per_worker=0.5", "mlflow.enabled=false"])
-        summary = T.train(cfg, run_name="multinode", placement_strategy="STRICT_SPREAD", hook=probes.ProbeHook(probe_dir),
-                          log=lambda line: print(line, file=sys.stderr))
+        cfg = C.load(
+            ROOT / "tune_configs" / "smoke.yaml",
+            [
+                f"data.shards={shards}",
+                f"train.output_dir={workdir}/out",
+                f"scale.storage_path={workdir}/runs",
+                "scale.num_workers=2",
+                "scale.cpus_per_worker=0.5",
+                "mlflow.enabled=false",
+            ],
+        )
+        summary = T.train(
+            cfg,
+            run_name="multinode",
+            placement_strategy="STRICT_SPREAD",
+            hook=probes.ProbeHook(probe_dir),
+            log=lambda line: print(line, file=sys.stderr),
+        )
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(json.dumps({"step": summary.step, "checkpoint": summary.checkpoint, "nodes": alive}))
     finally:

@@ -55,10 +55,15 @@ class ProbeHook:
         self._write(f"start-{os.getpid()}.json", {**self._where(rank), "restored_step": restored_step})
 
     def finished(self, rank: int, step: int, models: list) -> None:
-        from ce_ray.model import Generator
+        from ce_ray.core.model import Generator
 
         G = next((m for m in models if isinstance(m, Generator)), None)
-        self._write(f"end-rank{rank}-{os.getpid()}.json", {
-            **self._where(rank), "step": step,
-            "g_params": _digest(G.named_parameters()) if G is not None else None,
-            "g_state": _digest(G.state_dict().items()) if G is not None else None})
+        self._write(
+            f"end-rank{rank}-{os.getpid()}.json",
+            {
+                **self._where(rank),
+                "step": step,
+                "g_params": _digest(G.named_parameters()) if G is not None else None,
+                "g_state": _digest(G.state_dict().items()) if G is not None else None,
+            },
+        )

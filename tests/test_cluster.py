@@ -30,7 +30,7 @@ def train_overrides(command: str) -> tuple[str, list[str]]:
     """(--config, overrides) of a `python -m ce_ray.cli train ...` command line."""
     words = shlex.split(command)
     i = words.index("train")
-    args = words[i + 1:]
+    args = words[i + 1 :]
     cfg_path = args[args.index("--config") + 1]
     overrides = [w for w in args if "=" in w and not w.startswith("--")]
     return cfg_path, overrides
@@ -81,7 +81,8 @@ def test_kuberay_manifests_run_gpu_workers_on_the_pinned_ray(name, kind):
     assert spec["rayVersion"] == ray.__version__
     workers = spec["workerGroupSpecs"]
     assert workers and all(
-        c["resources"]["limits"]["nvidia.com/gpu"] == "1" for g in workers for c in g["template"]["spec"]["containers"])
+        c["resources"]["limits"]["nvidia.com/gpu"] == "1" for g in workers for c in g["template"]["spec"]["containers"]
+    )
     images = {c["image"] for _, c in _pods(spec)}
     assert len(images) == 1  # head and workers run the same code
     dockerfile = (CLUSTER / "Dockerfile").read_text()
@@ -108,7 +109,11 @@ def test_entrypoints_in_cluster_files_are_valid_train_commands():
     readme = (CLUSTER / "README.md").read_text()
     # Every `ce_ray.cli train` command in the README (backslash-continued lines joined).
     joined = readme.replace("\\\n", " ")
-    commands += [line[line.index("python -m ce_ray.cli"):] for line in joined.splitlines() if "python -m ce_ray.cli train" in line]
+    commands += [
+        line[line.index("python -m ce_ray.cli") :]
+        for line in joined.splitlines()
+        if "python -m ce_ray.cli train" in line
+    ]
     assert len(commands) >= 4
     for cmd in commands:
         cfg_path, overrides = train_overrides(cmd.replace("$PWD", "/abs").replace("<head private IP>", "10.0.0.1"))
@@ -125,7 +130,9 @@ def test_gcs_port_is_free_and_below_the_ephemeral_range():
 
     ports = cluster.free_ports(7)
     assert len(set(ports)) == 7
-    assert all(cluster.PORT_RANGE[0] <= p < cluster.PORT_RANGE[1] < 32768 for p in ports)  # the kernel never hands them out for outgoing connections
+    assert all(
+        cluster.PORT_RANGE[0] <= p < cluster.PORT_RANGE[1] < 32768 for p in ports
+    )  # the kernel never hands them out for outgoing connections
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # still free: nothing kept it
@@ -149,7 +156,9 @@ def test_env_defaults_keep_what_the_user_set(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
     cluster.set_env_defaults()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1"
-    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert (
+        os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    )
 
 
 def test_quiet_data_context_turns_bars_and_banners_off(monkeypatch):

@@ -1,5 +1,5 @@
 """tracking.py without Ray: where the store is, the driver's run, rank 0's tracker, and the
-registered generator loading back through checkpoint.resolve("models:/...")."""
+registered generator loading back through resolve.checkpoint_dir("models:/...")."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ce_ray import checkpoint as ckpt_io
 from ce_ray import config as C
 from ce_ray import tracking
+from ce_ray.core.model import build_discriminator, build_generator
 from ce_ray.errors import UserError
-from ce_ray.loop import NullTracker
-from ce_ray.model import build_discriminator, build_generator
+from ce_ray.infer import resolve
+from ce_ray.train import checkpoint as ckpt_io
+from ce_ray.train import mlflow_run
+from ce_ray.train.loop import NullTracker
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
 
@@ -25,16 +27,23 @@ SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
 @pytest.fixture
 def cfg(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return C.load(SMOKE, [f"train.output_dir={tmp_path / 'out'}", "mlflow.experiment=tracking-test",
-                          "mlflow.registered_model=tracking-test-generator"])
+    return C.load(
+        SMOKE,
+        [
+            f"train.output_dir={tmp_path / 'out'}",
+            "mlflow.experiment=tracking-test",
+            "mlflow.registered_model=tracking-test-generator",
+        ],
+    )
 
 
 @pytest.fixture
 def tiny_checkpoint(cfg, tmp_path) -> Path:
     torch.manual_seed(0)
     G, D = build_generator(cfg.model), build_discriminator(cfg.model, cfg.data.fine_size)
-    return ckpt_io.save(tmp_path / "ckpt", G=G, D=D, step=6, config=cfg, optim={"opt_g": {}, "opt_d": {}},
-                        metrics={"val_l2": 0.1})
+    return ckpt_io.save(
+        tmp_path / "ckpt", G=G, D=D, step=6, config=cfg, optim={"opt_g": {}, "opt_d": {}}, metrics={"val_l2": 0.1}
+    )
 
 
 def test_tracking_uri_default_is_sqlite_under_output_dir(cfg, tmp_path):
@@ -62,10 +71,10 @@ def test_file_store_uri_is_a_user_error(cfg, monkeypatch):
 def test_disabled_mlflow_gives_no_run_and_noop_trackers(cfg):
     off = C.replace(cfg, mlflow={"enabled": False})
     assert tracking.start_run(off, run_name="x", run_path="/nowhere/x", resume=False) is None
-    assert isinstance(tracking.worker_tracker(None, 0), NullTracker)
+    assert isinstance(mlflow_run.worker_tracker(None, 0), NullTracker)
     handle = tracking.RunHandle("sqlite:////tmp/never.db", "1", "abc")
-    assert isinstance(tracking.worker_tracker(handle, 1), NullTracker)  # only rank 0 talks to MLflow
-    assert isinstance(tracking.worker_tracker(handle, 0), tracking.MlflowTracker)
+    assert isinstance(mlflow_run.worker_tracker(handle, 1), NullTracker)  # only rank 0 talks to MLflow
+    assert isinstance(mlflow_run.worker_tracker(handle, 0), mlflow_run.MlflowTracker)
 
 
 def test_run_params_metrics_artifacts_and_resume(cfg, tmp_path):
@@ -78,7 +87,7 @@ def test_run_params_metrics_artifacts_and_resume(cfg, tmp_path):
     assert run.data.tags[tracking.TAG_RUN_PATH] == "/storage/r1"
 
     # What rank 0 does through loop.run's tracker interface.
-    tracker = tracking.MlflowTracker(tracking.RunHandle.from_dict(h.to_dict()))
+    tracker = mlflow_run.MlflowTracker(tracking.RunHandle.from_dict(h.to_dict()))
     tracker.log_metrics({"loss_g": 0.5, "img_per_s": 10.0}, step=2)
     tracker.log_metrics({"loss_g": 0.25, "img_per_s": 12.0}, step=4)
     png = tmp_path / "samples_step0000004.png"
@@ -105,9 +114,15 @@ def test_run_params_metrics_artifacts_and_resume(cfg, tmp_path):
 
 def test_tracker_survives_an_unreachable_store(capsys):
     # A tracking-store hiccup must not kill training: warn and go on.
-    t = tracking.MlflowTracker(tracking.RunHandle("http://127.0.0.1:9", "0", "nope"))
-    t.client = type("Broken", (), {"log_batch": lambda *a, **k: (_ for _ in ()).throw(OSError("down")),
-                                   "log_artifact": lambda *a, **k: (_ for _ in ()).throw(OSError("down"))})()
+    t = mlflow_run.MlflowTracker(tracking.RunHandle("http://127.0.0.1:9", "0", "nope"))
+    t.client = type(
+        "Broken",
+        (),
+        {
+            "log_batch": lambda *a, **k: (_ for _ in ()).throw(OSError("down")),
+            "log_artifact": lambda *a, **k: (_ for _ in ()).throw(OSError("down")),
+        },
+    )()
     t.log_metrics({"a": 1.0}, 1)
     t.log_artifact(Path("/nonexistent.png"), "samples")
     assert "MLflow log_metrics failed" in capsys.readouterr().err
@@ -116,7 +131,7 @@ def test_tracker_survives_an_unreachable_store(capsys):
 def test_registered_generator_resolves_and_loads(cfg, tiny_checkpoint):
     h = tracking.start_run(cfg, run_name="reg", run_path="/storage/reg", resume=False)
     tracking.log_checkpoint(h, tiny_checkpoint)
-    uri = tracking.register_generator(h, tiny_checkpoint, cfg)
+    uri = mlflow_run.register_generator(h, tiny_checkpoint, cfg)
     assert uri == f"models:/{cfg.mlflow.registered_model}/1"
     assert "MLFLOW_TRACKING_URI" not in os.environ  # registering leaves no store behind for later runs
     with tracking.using(h.tracking_uri):
@@ -127,16 +142,16 @@ def test_registered_generator_resolves_and_loads(cfg, tiny_checkpoint):
 def _check_registered(uri: str, h, cfg, tiny_checkpoint: Path) -> None:
 
     # ce-ray's own path (Serve, evaluate): the checkpoint directory inside the model version.
-    found = ckpt_io.resolve(uri)
+    found = resolve.checkpoint_dir(uri, h.tracking_uri)
     assert (found / ckpt_io.META_FILE).is_file() and (found / ckpt_io.MODEL_FILE).is_file()
     assert not (found / ckpt_io.OPTIM_FILE).exists()  # the exported model carries no optimiser state
-    g = ckpt_io.load_generator(uri)
+    g = resolve.load_generator(uri, tracking_uri=h.tracking_uri)
     assert g.step == 6 and g.config.model == cfg.model
     want = ckpt_io.load(tiny_checkpoint).G
     for k, v in g.model.state_dict().items():
         assert torch.equal(v, want[k]), k
 
-    # No pickled code anywhere in the model: the pyfunc is logged from ce_ray/mlflow_model.py.
+    # No pickled code anywhere in the model: the pyfunc is logged from ce_ray/infer/pyfunc.py.
     model_dir = Path(mlflow.artifacts.download_artifacts(uri))
     assert not list(model_dir.rglob("*.pkl")) and not list(model_dir.rglob("*.pickle"))
     assert (model_dir / "MLmodel").is_file()
@@ -161,3 +176,17 @@ def test_deleted_experiment_is_a_user_error(cfg):
     MlflowClient(h.tracking_uri).delete_experiment(h.experiment_id)
     with pytest.raises(UserError, match="deleted"):
         tracking.start_run(cfg, run_name="d2", run_path="/storage/d2", resume=False)
+
+
+def test_using_a_store_leaves_the_users_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """MLflow's own temporary switch unsets MLFLOW_TRACKING_URI on exit; tracking.using restores it."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
+    with tracking.using(f"sqlite:///{tmp_path / 'other.db'}"):
+        assert mlflow.get_tracking_uri().endswith("other.db")
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'users.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with tracking.using(f"sqlite:///{tmp_path / 'other.db'}"):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # nothing exported for good either

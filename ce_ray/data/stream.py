@@ -1,0 +1,206 @@
+"""Ray Data: Parquet shards -> decoded, cropped, flipped, masked training crops -> torch batches.
+
+train.lua's data path (decode -> random 128 crop -> horizontal flip -> [-1, 1] -> hole) as a
+streaming Ray Data pipeline feeding any number of Ray Train workers through
+`get_dataset_shard("train")` (Train splits it with `streaming_split(world_size, equal=True)`):
+
+    read_parquet(train/*.parquet, file order shuffled per epoch)   encoded JPEGs, ~6 MB a shard
+      -> map_batches(crops.train_batch)                          decode + crop + flip + hole: uint8
+                                                                   crops, bit-packed holes (51 KB a crop)
+      -> iter_torch_batches(local shuffle buffer, drop_last)       in the training worker, onto its device
+      -> step.prepare_batch                                        [-1, 1] floats, channel shuffle, hole fill
+
+Nothing is materialised: blocks stream through the object store under Ray Data's backpressure, so
+memory stays flat however many shards there are (bench/data_pipeline.py measures it). The
+read-ahead is capped (`read_ahead_bytes`: READ_AHEAD_PER_CPU per cluster CPU, at least
+READ_AHEAD_MIN): uncapped, a slow consumer (a training step) let Ray Data fill ~0.5 GB of a 2 GB
+store with decoded crops, i.e. a share of the object store rather than what decoding needs in
+flight; capped at 128 MiB it held ~0.2 GB.
+
+CPU starvation (docs/ray-notes.md, "Ray Data on few CPUs") has two faces on a small machine, both
+measured here:
+- Train workers hold every CPU: no data task can start and training hangs. `check_cpu_budget`
+  turns that into a UserError naming the fix; with 2 workers x 0.5 CPU on 2 CPUs one CPU is left.
+- Data tasks asking for a fraction of a CPU: Ray then runs more task workers than CPUs, and its
+  worker pool kills idle workers above that number (the soft limit is num_cpus), so every epoch
+  restarts decode processes. Measured on 2 CPUs beside two 0.5-CPU consumers, when each decode
+  process still imported torch: 0.5-CPU tasks fed 30 img/s per consumer with new worker pids every
+  epoch; 1-CPU tasks fed 140 img/s from one persistent worker. Hence DATA_TASK_CPUS = 1 by default.
+  (ce_ray.core.masks now imports torch lazily, so the decode path no longer loads it.)
+Decoding, cropping and masking a 350-px JPEG costs ~1.5 ms of CPU, far below a Context Encoder
+step per image, so one core keeps several training workers fed (bench/data_pipeline.py reports
+the data-stall ratio).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ce_ray.config import Config
+from ce_ray.data import crops
+from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, shard_files
+from ce_ray.errors import UserError
+
+if TYPE_CHECKING:  # Ray is imported lazily, inside the functions
+    import ray.data
+    import ray.train
+    import torch
+
+DATA_TASK_CPUS = 1.0  # logical CPUs per read / decode task (module docstring: why not less)
+ROWS_PER_MAP = 32  # photos per decode task: ~50 ms of work, so per-task overhead stays small
+# Object store the train pipeline may fill ahead of the trainer: a decode task's output is ~8 MB
+# (ROWS_PER_MAP crops), so 32 MB per CPU keeps every decode task's output queued 4 deep.
+READ_AHEAD_PER_CPU = 32 * 2**20
+READ_AHEAD_MIN = 64 * 2**20
+PREFETCH_BATCHES = 2  # batches decoded ahead of the training step
+
+
+def _read_parquet(files: list[str], num_cpus: float = DATA_TASK_CPUS, **kwargs: Any) -> ray.data.Dataset:
+    """read_parquet on the V1 datasource, so `num_cpus` governs every task of the read. Ray 2.60's
+    default V2 reader adds a `ListFiles` task with a hard-wired 1-CPU request that no argument
+    reaches: with cpus_per_task < 1 and less than one CPU left by the Train workers, the read
+    never starts and training hangs (verified with 2 consumers x 0.75 CPU on 2 CPUs)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read at call time only
+    try:
+        return ray.data.read_parquet(files, num_cpus=num_cpus, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = old
+
+
+def _train_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dict[str, np.ndarray]:
+    """map_batches body: {"image_bytes": (n,) object} -> {"image": (n*repeat, 3, S, S) uint8,
+    "hole": (n*repeat, S*S/8) uint8 packed bits} (+ "key" when asked, for tests)."""
+    # A fresh OS-entropy generator per call: crops and holes differ per task and per epoch
+    # (each epoch re-executes the pipeline). Ray's task scheduling order is not deterministic,
+    # so a fixed seed would not make training crops reproducible anyway; validation is.
+    rng = np.random.default_rng()
+    out = crops.train_batch(list(batch[IMAGE_COLUMN]), cfg, rng)
+    if with_keys:
+        out["key"] = np.repeat(batch[KEY_COLUMN], cfg.data.repeat)
+    return out
+
+
+def build_train_dataset(
+    cfg: Config,
+    *,
+    with_keys: bool = False,
+    cpus_per_task: float = DATA_TASK_CPUS,
+    max_tasks: int | None = None,
+    read_ahead: int | None = None,
+) -> ray.data.Dataset:
+    """Streaming training crops from cfg.data.shards/train: rows {"image": (3, S, S) uint8 RGB,
+    "hole": (S*S/8,) uint8 packed bits} (crops.train_batch); cfg.data.repeat crops per photo per
+    epoch.
+    The file order is reshuffled on every execution, i.e. every epoch; the trainer's local
+    shuffle buffer (iter_train_batches) mixes crops across files. `with_keys` adds each crop's
+    photo key (tests; iter_train_batches needs it off). `cpus_per_task` is the logical CPU share
+    of each read / decode task; `max_tasks` caps concurrent decode tasks (default: as many as
+    the CPUs left to Ray Data allow); `read_ahead` caps the object store (bytes) it fills ahead
+    of the consumer (default `read_ahead_bytes()`). Under Ray Train pass `data_config()`, which
+    carries the same cap: Train replaces each dataset's execution options."""
+
+    files = shard_files(cfg.data.shards, "train")
+    cols = [KEY_COLUMN, IMAGE_COLUMN] if with_keys else [IMAGE_COLUMN]
+    # shuffle="files": a new random file order per execution, i.e. per epoch.
+    ds = _read_parquet(files, num_cpus=cpus_per_task, shuffle="files").select_columns(cols)
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=read_ahead or read_ahead_bytes())
+    return ds.map_batches(
+        _train_map,  # type: ignore[arg-type]  # ray types fn as one-argument; fn_kwargs supplies the rest
+        fn_kwargs={"cfg": cfg, "with_keys": with_keys},
+        batch_size=ROWS_PER_MAP,
+        batch_format="numpy",
+        num_cpus=cpus_per_task,
+        concurrency=max_tasks,
+    )
+
+
+def iter_train_batches(
+    shard: ray.data.DataIterator,
+    cfg: Config,
+    device: str | torch.device = "cpu",
+    *,
+    prefetch_batches: int = PREFETCH_BATCHES,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (image (B, 3, S, S) uint8, hole (B, S*S/8) uint8 packed bits) tensors on
+    `device` (crops.train_batch's compact form; step.prepare_batch converts it there) from a Train
+    dataset shard (or a Dataset), B = cfg.data.batch_size, incomplete batch dropped so every rank
+    steps the same number of times. Raises UserError when the epoch holds no full batch (the loop
+    would otherwise spin without ever stepping)."""
+    import torch
+
+    n = 0
+    for b in shard.iter_torch_batches(
+        batch_size=cfg.data.batch_size,
+        dtypes={"image": torch.uint8, "hole": torch.uint8},
+        device=device,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        drop_last=True,
+        prefetch_batches=prefetch_batches,
+    ):
+        n += 1
+        yield b["image"], b["hole"]
+    if n == 0:
+        raise UserError(
+            f"an epoch of the train shards yielded no full batch of data.batch_size={cfg.data.batch_size} "
+            "crops per worker; raise data.repeat (crops per photo), lower data.batch_size, or prepare more photos"
+        )
+
+
+def read_ahead_bytes() -> int:
+    """The default read-ahead cap for the connected cluster (READ_AHEAD_PER_CPU x its CPUs)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1  # type: ignore[no-untyped-call]  # ray: unannotated
+    return int(max(READ_AHEAD_MIN, READ_AHEAD_PER_CPU * cpus))
+
+
+def data_config(read_ahead: int | None = None) -> ray.train.DataConfig:
+    """DataConfig for TorchTrainer(datasets={"train": ...}): split "train" across workers
+    (streaming_split(equal=True)) with the read-ahead cap (Train replaces a dataset's own execution
+    options with these, so the cap must be here too). Given explicitly: for a dataset without
+    options, Train derives them from the DataContext and trips Ray Data's exclude_resources
+    deprecation warning on every run."""
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    ctx = ray.data.DataContext.get_current().execution_options
+    cap = ctx.resource_limits.copy(object_store_memory=read_ahead or read_ahead_bytes())
+    train = ExecutionOptions(
+        resource_limits=cap, preserve_order=ctx.preserve_order, verbose_progress=ctx.verbose_progress
+    )
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": train})
+
+
+def check_cpu_budget(cfg: Config, cluster_cpus: float | None = None) -> None:
+    """Raise UserError when the Train workers would hold every CPU: Ray Data then gets none and
+    the run hangs ("Cluster resources are not enough to run any task"). `cluster_cpus` defaults to
+    the connected cluster's CPUs."""
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))  # type: ignore[no-untyped-call]  # ray: unannotated
+    s = cfg.scale
+    need = s.num_workers * s.cpus_per_worker + DATA_TASK_CPUS
+    if need > cluster_cpus + 1e-9:
+        fit = math.floor(100 * (cluster_cpus - DATA_TASK_CPUS) / s.num_workers) / 100
+        if fit <= 0:
+            raise UserError(
+                f"this {cluster_cpus:g}-CPU cluster cannot run training workers beside Ray Data's "
+                f"{DATA_TASK_CPUS}-CPU decode tasks; start Ray with more (logical) CPUs, e.g. "
+                f"`ray start --head --num-cpus=4` (and RAY_ADDRESS naming it), or num_cpus=4 in ray.init"
+            )
+        raise UserError(
+            f"{s.num_workers} workers x scale.cpus_per_worker={s.cpus_per_worker} leave Ray Data less than the "
+            f"{DATA_TASK_CPUS} CPU its decode tasks need on this {cluster_cpus:g}-CPU cluster, so training would hang "
+            f"waiting for data; set scale.cpus_per_worker={fit:.2f} (a logical share; torch still uses its threads) "
+            "or fewer scale.num_workers"
+        )

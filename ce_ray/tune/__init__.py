@@ -1,0 +1,1 @@
+"""Sweeps: the sweep file schema and the Ray Tune runner."""
