@@ -97,10 +97,12 @@ def package(
     command: str,
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    commit: str | None = None,
 ) -> dict[str, Any]:
     """Write a shipped-model folder from a training checkpoint: float16 weights and meta.json
     (the model card is written by hand beside them). `metrics`: the measured scores to record,
-    read from evaluation reports, never typed in."""
+    read from evaluation reports, never typed in. `commit`: the commit whose code trained the
+    checkpoint (default: this checkout's HEAD)."""
     from ce_ray.fsutil import write_dir
     from ce_ray.train import checkpoint as ckpt_mod
 
@@ -125,7 +127,7 @@ def package(
             "format": SHIPPED_FORMAT,
             "step": ckpt.step,
             "config": C.to_dict(ckpt.config),
-            "commit": _commit(),
+            "commit": commit or _commit(),
             "command": command,
             "source_checkpoint": str(ckpt.path),
             "sha256": sha256(tmp / WEIGHTS_FILE),
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--command", required=True, help="the exact training command, recorded in meta.json")
     p.add_argument("--out", default=str(SHIPPED_DIR))
+    p.add_argument("--commit", default=None, help="the commit whose code trained the checkpoint (default: HEAD)")
     p.add_argument(
         "--train-shards", default=None, help="the shards it was trained on (their manifest's options are recorded)"
     )
@@ -184,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
         m = read_manifest(args.train_shards)
         extra["training_data"] = {"shards": args.train_shards, "train_photos": m["train"], "options": m["options"]}
-    meta = package(args.checkpoint, args.out, command=args.command, metrics=metrics_from_reports(reports), extra=extra)
+    meta = package(
+        args.checkpoint,
+        args.out,
+        command=args.command,
+        metrics=metrics_from_reports(reports),
+        extra=extra,
+        commit=args.commit,
+    )
     print(f"wrote {args.out}: step {meta['step']}, {meta['bytes'] / 2**20:.1f} MiB, sha256 {meta['sha256'][:12]}")
     return 0
 
