@@ -178,7 +178,8 @@ def _next_steps() -> list[str]:
     except Exception:  # an install without the weights: the commands above still stand
         return lines
     lines.append(
-        f"  the shipped model is that recipe's generator (step {meta['step']}); measured over the hole, PSNR dB:"
+        f"  the shipped model is that recipe's generator on the permissive-licence photos (step {meta['step']}; "
+        "ce_ray/infer/weights/freeform/MODEL_CARD.md); measured over the hole, PSNR dB:"
     )
     for split, m in meta.get("metrics", {}).items():
         fams = ", ".join(

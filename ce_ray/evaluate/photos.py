@@ -2,7 +2,7 @@
 
 Not in the paper (its Table 1 scores the centre square of crops; evaluate.py keeps that protocol).
 Here every val photo is inpainted whole, through the same window planner `ce-ray inpaint` and the
-web page use (inpaint.plan), beside the classical fills of the same hole. No Ray.
+web page use (infer/planner.py: plan), beside the classical fills of the same hole. No Ray.
 
 Protocol (deterministic: the same input gives a byte-identical report.json):
 - Photos: the val split of prepared shards (or every photo `ce-ray prepare` reads from a folder,
@@ -208,7 +208,7 @@ def evaluate_photos(
             "metrics": "over hole pixels in [0, 1]: mean L1 and L2 (fractions), PSNR per photo (peak 1) averaged "
             "over photos; sharpness = gradient energy in the hole / the truth's (1 = as detailed as the photo, "
             "0 = flat), averaged over photos",
-            "model_path": "inpaint.plan + inpaint.inpaint_many, as ce-ray inpaint and the web page",
+            "model_path": "infer.planner.plan + inpaint_many, as ce-ray inpaint and the web page",
             "baselines": {
                 m: B.SETTINGS[m] + f" (per connected hole region with {B.IMAGE_MARGIN} px of context)" for m in methods
             },

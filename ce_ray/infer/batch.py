@@ -1,7 +1,7 @@
 """`ce-ray inpaint`: one image, or many through Serve's window planner on Ray Data.
 
 One file is read, inpainted and written here. Many go through a Ray Data pipeline (or, with
-engine="local", one process) around the same any-size window planner as Serve (inpaint.py).
+engine="local", one process) around the same any-size window planner as Serve (planner.py).
 
     list SRC (folder, glob, .txt list, s3:// / gs:// prefix; prepare.discover)
     -> read + decode + hole (CPU tasks)          a mask per image (--masks DIR), one mask for all

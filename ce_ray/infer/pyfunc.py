@@ -7,7 +7,7 @@ Two ways to load a registered version:
     resolve.load_generator("models:/ce-ray-generator/3")   ce-ray's own path (Serve, evaluate)
     mlflow.pyfunc.load_model("models:/ce-ray-generator/3")    generic MLflow tooling; needs ce-ray importable
 
-pyfunc `predict` takes what Serve takes and runs the same any-size window planner (inpaint.py):
+pyfunc `predict` takes what Serve takes and runs the same any-size window planner (planner.py):
     an (H, W, 3) uint8 RGB photo                    -> (H, W, 3) uint8, the centre region filled
     {"image": (H, W, 3), "mask": (H, W)}            -> (H, W, 3) uint8, the mask's white filled
     a list of photos (arrays or encoded bytes)       -> a list of (H, W, 3) uint8

@@ -1,7 +1,7 @@
 """`ce-ray serve`: a trained generator on Ray Serve: HTTP API, dynamic batching, limits, web page.
 
 The HTTP API, dynamic batching across requests, input limits, and the web page. Inpainting itself
-(any size, any hole) is inpaint.py.
+(any size, any hole) is planner.py.
 
     ce-ray serve --model URI [--host 127.0.0.1 --port 8000 --replicas N]   blocks until Ctrl-C
     serve run cluster/serve.yaml          or    CE_RAY_MODEL=URI serve run ce_ray.infer.serve:app

@@ -1,6 +1,6 @@
 """The model ce-ray ships: the free-form recipe's generator, what every command uses by default.
 
-`ce_ray/weights/freeform/` holds it, installed with the package (no download, ever):
+`ce_ray/infer/weights/freeform/` holds it, installed with the package (no download, ever):
 
     generator.pt   the generator's state_dict in float16 (loaded with weights_only=True)
     meta.json      format, the resolved training config, step, commit, the training command, the
@@ -146,7 +146,7 @@ def package(
 
 def metrics_from_reports(reports: dict[str, str | os.PathLike[str]]) -> dict[str, Any]:
     """{split: {family: {method: {l1, l2, psnr, sharpness}}}} read from photo-protocol evaluation
-    reports (evaluate_photos.py's report.json), keyed by the name of the split they scored."""
+    reports (evaluate/photos.py's report.json), keyed by the name of the split they scored."""
     out: dict[str, Any] = {}
     for split, path in reports.items():
         r = json.loads(Path(path).read_text())
