@@ -27,3 +27,19 @@ def load_models(ckpt) -> tuple[nn.Module, nn.Module]:
     G.load_state_dict(ckpt.G)
     D.load_state_dict(ckpt.D)
     return G, D
+
+
+# The free-form recipe's generator at test size (full-image variant, residual over the harmonic
+# fill, mask input, U-Net skips) with its stroke masks: model and mask sections of a config dict.
+TINY_FREEFORM = {
+    "model": {
+        "bottleneck": 16,
+        "ngf": 8,
+        "ndf": 8,
+        "variant": "full",
+        "residual": True,
+        "mask_input": True,
+        "skips": True,
+    },
+    "mask": {"kind": "strokes", "fill": "diffusion", "overlap_weight": 0.0},
+}

@@ -121,6 +121,20 @@ class SweepCallback(Callback):
         self._store: tracking.Store | None = None
         self._warn = tracking.RateLimitedWarning()
 
+    @classmethod
+    def for_sweep(cls, sweep: Sweep, parent: tracking.RunHandle | None = None) -> SweepCallback:
+        """The callback of `sweep`: its folder, name, base config, ties, metric and searched keys."""
+        return cls(
+            sweep_dir=str(sweep.directory),
+            sweep_name=sweep.name,
+            base=sweep.base,
+            ties=sweep.ties,
+            metric=sweep.metric,
+            mode=sweep.mode,
+            keys=list(sweep.space),
+            parent=parent,
+        )
+
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks into tuner.pkl (what --resume restores)
         return {**self.__dict__, "_store": None, "_warn": tracking.RateLimitedWarning()}
 
@@ -625,16 +639,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, log: Callable[[str], None] 
                     str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
                 )
             else:
-                callback = SweepCallback(
-                    sweep_dir=str(sweep_dir),
-                    sweep_name=sweep.name,
-                    base=sweep.base,
-                    ties=sweep.ties,
-                    metric=sweep.metric,
-                    mode=sweep.mode,
-                    keys=keys,
-                    parent=parent,
-                )
+                callback = SweepCallback.for_sweep(sweep, parent)
                 search_alg, tune_limit = make_search(sweep, conc)
                 tuner = tune.Tuner(
                     trainable,

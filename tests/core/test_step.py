@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import random_crops
+from helpers import TINY_FREEFORM, random_crops
 
 import ce_ray.config as C
 from ce_ray.core.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
@@ -172,19 +172,7 @@ def test_compact_batches_expand_to_exactly_the_float_form():
     assert pack_holes(holes).nbytes * 32 == holes.nbytes and chw.nbytes * 4 == images.numpy().nbytes
 
 
-FREEFORM = {
-    "model": {
-        "bottleneck": 16,
-        "ngf": 8,
-        "ndf": 8,
-        "variant": "full",
-        "residual": True,
-        "mask_input": True,
-        "skips": True,
-    },
-    "mask": {"kind": "strokes", "fill": "diffusion", "overlap_weight": 0.0},
-    "data": {"batch_size": 4},
-}
+FREEFORM = {**TINY_FREEFORM, "data": {"batch_size": 4}}
 
 
 def stroke_batch(n=4, seed=0):

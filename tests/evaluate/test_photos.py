@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_FREEFORM
 
 from ce_ray import cli
 from ce_ray import config as C
@@ -13,19 +14,7 @@ from ce_ray.errors import UserError
 from ce_ray.evaluate import photos as P
 from ce_ray.train import checkpoint
 
-FREEFORM = {
-    "model": {
-        "bottleneck": 16,
-        "ngf": 8,
-        "ndf": 8,
-        "variant": "full",
-        "residual": True,
-        "mask_input": True,
-        "skips": True,
-    },
-    "mask": {"kind": "strokes", "fill": "diffusion", "overlap_weight": 0.0},
-    "data": {"load_size": 128},
-}
+FREEFORM = {**TINY_FREEFORM, "data": {"load_size": 128}}
 
 
 @pytest.fixture(scope="module")

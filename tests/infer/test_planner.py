@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_FREEFORM
 from PIL import Image
 
 from ce_ray import cli
@@ -344,21 +345,7 @@ def freeform_loaded():
     """An untrained free-form generator as the recipe builds it (residual over the harmonic fill,
     zero-initialised last layer, mask input, skips): its correction is exactly 0."""
     torch.manual_seed(2)
-    cfg = C.from_dict(
-        {
-            "model": {
-                "bottleneck": 16,
-                "ngf": 8,
-                "ndf": 8,
-                "variant": "full",
-                "residual": True,
-                "mask_input": True,
-                "skips": True,
-            },
-            "mask": {"kind": "strokes", "fill": "diffusion", "overlap_weight": 0.0},
-            "data": {"load_size": 320, "scale_jitter": 0.6},
-        }
-    )
+    cfg = C.from_dict({**TINY_FREEFORM, "data": {"load_size": 320, "scale_jitter": 0.6}})
     return LoadedGenerator(model=build_generator(cfg.model).eval(), config=cfg, step=0, metrics={}, source="untrained")
 
 

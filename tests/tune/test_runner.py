@@ -240,16 +240,7 @@ def test_sweep_callback_ledgers_and_mlflow_runs(tmp_path, monkeypatch):
     assert parent.tracking_uri == uri
     client = MlflowClient(uri)
     assert client.get_run(parent.run_id).data.params["sweep.metric"] == "val_l2"
-    cb = T.SweepCallback(
-        sweep_dir=str(sweep.directory),
-        sweep_name=sweep.name,
-        base=sweep.base,
-        ties=sweep.ties,
-        metric=sweep.metric,
-        mode=sweep.mode,
-        keys=list(sweep.space),
-        parent=parent,
-    )
+    cb = T.SweepCallback.for_sweep(sweep, parent)
     cb = pickle.loads(pickle.dumps(cb))  # Tune pickles callbacks into its experiment state
     sampled = {"loss.lambda_rec": 0.99, "optim.lr_g": 1e-3, "optim.lr_d": 1e-4}
     a, b = _Trial("a", sampled), _Trial("b", {**sampled, "optim.lr_g": 1e-2})
@@ -318,16 +309,7 @@ def test_sweep_callback_survives_an_unreachable_store(tmp_path, capsys):
             raise OSError("store down")
 
     sweep = S.load_sweep(ROOT / "tune_configs" / "sweep_smoke.yaml", [f"scale.storage_path={tmp_path}"])
-    cb = T.SweepCallback(
-        sweep_dir=str(sweep.directory),
-        sweep_name=sweep.name,
-        base=sweep.base,
-        ties=sweep.ties,
-        metric=sweep.metric,
-        mode=sweep.mode,
-        keys=list(sweep.space),
-        parent=tracking.RunHandle("http://127.0.0.1:9", "0", "p"),
-    )
+    cb = T.SweepCallback.for_sweep(sweep, tracking.RunHandle("http://127.0.0.1:9", "0", "p"))
     cb._store = Down()
     for tid in ("c", "d"):
         t = _Trial(tid, {"loss.lambda_rec": 0.99, "optim.lr_g": 1e-3, "optim.lr_d": 1e-4})
