@@ -33,6 +33,9 @@ BETA1 = 0.5  # Adam beta1
 BATCH_SIZE = 64
 
 
+DATA_CACHE_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how crops are cut from them (train.lua's data options)."""
@@ -52,6 +55,11 @@ class DataConfig:
     # trained on a few photos copies colours from the context instead of memorising their palette.
     channel_shuffle: bool = False
     loader_workers: int = 0  # DataLoader processes in the no-Ray local trainer
+    # Ray Data only: decode the train photos once into the object store and cut each epoch's random
+    # crops from those pixels, so decoding stops after the first pass. "auto": when the decoded
+    # split takes at most a quarter of the cluster's object store; "on" / "off" force it. Crops
+    # stay random per epoch either way (data/stream.py).
+    cache: str = "auto"
 
 
 # mask.kind=strokes draws each hole from a mixture of these: LaMa's three painted-stroke families
@@ -288,6 +296,7 @@ def _check(cfg: Config) -> None:
     need(d.val_images >= 1, "data.val_images", "must be >= 1")
     need(d.repeat >= 1, "data.repeat", "must be >= 1")
     need(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    need(d.cache in DATA_CACHE_MODES, "data.cache", f"must be one of {', '.join(DATA_CACHE_MODES)}, got {d.cache!r}")
     need(0 <= d.scale_jitter < 1, "data.scale_jitter", f"must be in [0, 1), got {d.scale_jitter}")
     need(
         d.load_size * (1 - d.scale_jitter) >= d.fine_size,

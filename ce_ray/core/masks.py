@@ -215,16 +215,43 @@ def _mean_fill_all(images: torch.Tensor) -> torch.Tensor:
 
 def _shared_fill(images: torch.Tensor, hole: np.ndarray) -> torch.Tensor:
     """The exact harmonic fill of one hole shared by the batch: a cached operator, one product."""
-    import torch
+    return _shared_operator(np.ascontiguousarray(hole, dtype=bool).tobytes(), hole.shape, str(images.device))(images)
 
-    b, c, height, width = images.shape
-    inside, boundary, A = _harmonic_operator(np.ascontiguousarray(hole).tobytes(), hole.shape)
-    out = images.clone()
-    flat = out.reshape(b, c, height * width)
-    A_t = torch.from_numpy(A).to(images.device)
-    bvals = flat[:, :, torch.from_numpy(boundary).to(images.device)].float()  # (B, C, m)
-    flat[:, :, torch.from_numpy(inside).to(images.device)] = (bvals @ A_t.T).to(images.dtype)  # (B, C, n)
-    return out
+
+@functools.lru_cache(maxsize=8)
+def _shared_operator(hole_bytes: bytes, shape: tuple[int, int], device: str) -> SharedHoleFill:
+    return SharedHoleFill(np.frombuffer(hole_bytes, dtype=bool).reshape(shape), device)
+
+
+class SharedHoleFill:
+    """The exact harmonic fill of one (H, W) hole that every image of every batch shares (the
+    centre hole), with its operator and index tensors put on `device` once. A call is one gather,
+    one (B*C, m) x (m, n) product and one scatter on that device: no host round trip and no
+    host-to-device copy per batch, so a GPU step never waits on it. The hole must have between 1
+    and SHARED_OPERATOR_MAX_PIXELS hole pixels and at least one known pixel (diffusion_fill
+    handles the other cases)."""
+
+    def __init__(self, hole: np.ndarray, device: str | torch.device):
+        import torch
+
+        hole = np.asarray(hole, dtype=bool)
+        n = int(hole.sum())
+        if not 0 < n <= SHARED_OPERATOR_MAX_PIXELS or n == hole.size:
+            raise ValueError(f"shared operator: needs 1..{SHARED_OPERATOR_MAX_PIXELS} hole pixels and context, got {n}")
+        inside, boundary, A = _harmonic_operator(np.ascontiguousarray(hole).tobytes(), hole.shape)
+        self.shape = hole.shape
+        self.inside = torch.from_numpy(inside).to(device)  # (n,) flat indices of the hole
+        self.boundary = torch.from_numpy(boundary).to(device)  # (m,) flat indices of its known neighbours
+        self.A_t = torch.from_numpy(np.ascontiguousarray(A.T)).to(device)  # (m, n)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> a new tensor with the hole holding the harmonic fill."""
+        b, c, height, width = images.shape
+        out = images.clone()
+        flat = out.reshape(b, c, height * width)
+        bvals = flat[:, :, self.boundary].float()  # (B, C, m)
+        flat[:, :, self.inside] = (bvals @ self.A_t).to(images.dtype)  # (B, C, n)
+        return out
 
 
 def harmonic_fill_exact(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:

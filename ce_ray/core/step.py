@@ -22,7 +22,15 @@ import torch.nn as nn
 
 from ce_ray.config import Config, OptimConfig
 from ce_ray.core.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
-from ce_ray.core.masks import center_box, center_hole, center_weights, fill_hole, full_weights, unpack_holes
+from ce_ray.core.masks import (
+    SharedHoleFill,
+    center_box,
+    center_hole,
+    center_weights,
+    fill_hole,
+    full_weights,
+    unpack_holes,
+)
 from ce_ray.errors import UserError
 
 
@@ -107,9 +115,12 @@ class GanStep:
         m, size = cfg.mask, cfg.data.fine_size
         self.center = center_box(size)
         self.center_w = center_weights(size, m.overlap, cfg.loss.lambda_rec, m.overlap_weight).to(device)  # (64, 64)
-        # The centre hole is the same for every crop: given as one (S, S) hole, the harmonic fill
-        # is one cached exact operator (masks.diffusion_fill) instead of a solve per image.
-        self.center_hole = torch.from_numpy(center_hole(size, m.overlap)).to(device) if m.kind == "center" else None
+        # The centre hole is the same for every crop: its harmonic fill is one exact operator kept
+        # on the device (masks.SharedHoleFill) instead of a solve per image, and nothing about it
+        # is read back to the host during a step.
+        hole = center_hole(size, m.overlap)
+        self.center_hole = torch.from_numpy(hole).to(device) if m.kind == "center" else None
+        self.center_fill = SharedHoleFill(hole, device) if m.kind == "center" and m.fill == "diffusion" else None
 
     def inputs(
         self, images: torch.Tensor, holes: torch.Tensor
@@ -120,8 +131,11 @@ class GanStep:
         images, holes = prepare_batch(images, holes, self.cfg.data.fine_size, self.device)
         if self.cfg.data.channel_shuffle:
             images = shuffle_channels(images)
-        fill_holes = self.center_hole if self.center_hole is not None else holes
-        context = model_input(images, holes, self.cfg, cycles=self.cfg.mask.fill_cycles, fill_holes=fill_holes)
+        if self.center_fill is not None:
+            context = _with_mask(self.center_fill(images), holes, self.cfg)
+        else:
+            fill_holes = self.center_hole if self.center_hole is not None else holes
+            context = model_input(images, holes, self.cfg, cycles=self.cfg.mask.fill_cycles, fill_holes=fill_holes)
         context = context.contiguous(memory_format=self.memory_format)
         if self.cfg.model.variant == "center":
             lo, hi = self.center

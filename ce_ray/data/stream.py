@@ -42,6 +42,7 @@ import numpy as np
 
 from ce_ray.config import Config
 from ce_ray.data import crops
+from ce_ray.data.images import decode_rgb
 from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, shard_files
 from ce_ray.errors import UserError
 
@@ -57,6 +58,59 @@ ROWS_PER_MAP = 32  # photos per decode task: ~50 ms of work, so per-task overhea
 READ_AHEAD_PER_CPU = 32 * 2**20
 READ_AHEAD_MIN = 64 * 2**20
 PREFETCH_BATCHES = 2  # batches decoded ahead of the training step
+# data.cache=auto caches the decoded train split when it takes at most this share of the object
+# store: the rest stays for the crops in flight, the val set and other datasets.
+CACHE_STORE_FRACTION = 0.25
+# Photos per cached block: every epoch reshuffles the cache's block order, so small blocks give a
+# finer epoch order (the trainer's shuffle buffer mixes the crops further); 4 decoded 512-px photos
+# are ~4 MB, well above Ray's per-block overhead.
+CACHE_ROWS_PER_BLOCK = 4
+# How long Ray Data's scheduling loop sleeps per iteration while none of its tasks is running
+# (IdleBackoff). Its own wait (ray.wait, 0.1 s) only happens while tasks run, so this is the same
+# granularity; a training batch takes far longer than either.
+IDLE_BACKOFF_S = 0.05
+
+
+def _idle_backoff_class() -> type:
+    """IdleBackoff, defined on first use (it subclasses a Ray Data class; this module imports Ray
+    lazily).
+
+    Ray 2.60's streaming executor runs its scheduling loop without blocking whenever no task is
+    running, which is exactly the state of a training pipeline that has filled its read-ahead cap
+    (read_ahead_bytes) and waits for the trainer to consume: the loop then spins, re-deriving
+    resource budgets, and took 0.5-0.9 of a core in the SplitCoordinator actor on a 2-core
+    machine (py-spy: ResourceManager.update_usages and _scheduling_loop_step) - CPU the
+    training step needed. The callback sleeps IDLE_BACKOFF_S on such an iteration; while tasks
+    run it does nothing (the loop then waits in ray.wait). It reads the executor's private
+    `_topology`: tests/data/test_stream.py checks that field still exists."""
+    global _IDLE_BACKOFF
+    if _IDLE_BACKOFF is None:
+        import time
+
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+        class IdleBackoff(ExecutionCallback):
+            sleeps = 0  # per process: the tests read it
+
+            def on_execution_step(self, executor: Any) -> None:
+                topology = getattr(executor, "_topology", None) or {}
+                if topology and not any(op.num_active_tasks() for op in topology):
+                    type(self).sleeps += 1
+                    time.sleep(IDLE_BACKOFF_S)
+
+        IdleBackoff.__module__ = __name__  # pickled by reference with the dataset's context
+        IdleBackoff.__qualname__ = "IdleBackoff"
+        _IDLE_BACKOFF = IdleBackoff
+    return _IDLE_BACKOFF
+
+
+_IDLE_BACKOFF: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "IdleBackoff":  # so pickle finds the class by its module and name
+        return _idle_backoff_class()
+    raise AttributeError(name)
 
 
 def _read_parquet(files: list[str], num_cpus: float = DATA_TASK_CPUS, **kwargs: Any) -> ray.data.Dataset:
@@ -87,6 +141,72 @@ def _train_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> di
     return out
 
 
+def _decode_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dict[str, np.ndarray]:
+    """map_batches body of the cached pipeline's decode pass: {"image_bytes": (n,) object} ->
+    {"rgb": (n,) object array of (H, W, 3) uint8 photos} (+ "key"), each decoded no smaller than
+    the largest size training resizes it to (cache_load_size)."""
+    size = cache_load_size(cfg)
+    rgb = np.empty(len(batch[IMAGE_COLUMN]), dtype=object)
+    rgb[:] = [decode_rgb(data, draft_shorter=size) for data in batch[IMAGE_COLUMN]]
+    out = {"rgb": rgb}
+    if with_keys:
+        out[KEY_COLUMN] = batch[KEY_COLUMN]
+    return out
+
+
+def _crop_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dict[str, np.ndarray]:
+    """map_batches body of the cached pipeline's per-epoch pass: decoded photos -> the same rows as
+    _train_map (random crops, flips and holes drawn anew on every execution)."""
+    rng = np.random.default_rng()  # fresh per call, as _train_map
+    out: list[np.ndarray] = []
+    for rgb in batch["rgb"]:
+        out += crops.random_crops_of(rgb, crops.jittered_load_size(cfg, rng), cfg.data.repeat, cfg, rng)
+    rows = crops.stack_crops(out, cfg, rng)
+    if with_keys:
+        rows["key"] = np.repeat(batch[KEY_COLUMN], cfg.data.repeat)
+    return rows
+
+
+def cache_load_size(cfg: Config) -> int:
+    """The largest shorter side a training crop is cut at (data.load_size with the jitter's top)."""
+    d = cfg.data
+    return max(d.fine_size, round(d.load_size * (1 + d.scale_jitter)))
+
+
+def decoded_bytes(cfg: Config) -> int:
+    """What the train split takes decoded for the cache: from the shards' width / height columns
+    (footer and two int columns: no image is read), each photo at most as large as a JPEG draft
+    decode for cache_load_size leaves it (shorter side < 2x that size)."""
+    import pyarrow.parquet as pq
+
+    from ce_ray.fsutil import fs_and_path
+
+    cap = 2 * cache_load_size(cfg)
+    total = 0
+    for f in shard_files(cfg.data.shards, "train"):
+        fs, path = fs_and_path(f)
+        table = pq.read_table(fs.open(path, "rb") if fs is not None else path, columns=["width", "height"])
+        w = table.column("width").to_numpy().astype(np.int64)
+        h = table.column("height").to_numpy().astype(np.int64)
+        shorter = np.minimum(w, h)
+        scale = np.minimum(1.0, cap / np.maximum(shorter, 1))
+        total += int(np.sum(w * h * 3 * scale**2))
+    return total
+
+
+def use_cache(cfg: Config, store_bytes: float | None = None) -> bool:
+    """data.cache: "on" / "off" as said; "auto" when decoded_bytes fits CACHE_STORE_FRACTION of the
+    object store (`store_bytes`, default: the connected cluster's)."""
+    mode = cfg.data.cache
+    if mode != "auto":
+        return mode == "on"
+    if store_bytes is None:
+        import ray
+
+        store_bytes = float(ray.cluster_resources().get("object_store_memory", 0))  # type: ignore[no-untyped-call]  # ray: unannotated
+    return decoded_bytes(cfg) <= CACHE_STORE_FRACTION * store_bytes
+
+
 def build_train_dataset(
     cfg: Config,
     *,
@@ -94,12 +214,16 @@ def build_train_dataset(
     cpus_per_task: float = DATA_TASK_CPUS,
     max_tasks: int | None = None,
     read_ahead: int | None = None,
+    cache: bool | None = None,
 ) -> ray.data.Dataset:
     """Streaming training crops from cfg.data.shards/train: rows {"image": (3, S, S) uint8 RGB,
     "hole": (S*S/8,) uint8 packed bits} (crops.train_batch); cfg.data.repeat crops per photo per
     epoch.
-    The file order is reshuffled on every execution, i.e. every epoch; the trainer's local
-    shuffle buffer (iter_train_batches) mixes crops across files. `with_keys` adds each crop's
+    Uncached, the file order is reshuffled on every execution, i.e. every epoch, and every epoch
+    decodes the photos. Cached (`cache`, default use_cache(cfg)), the photos are decoded once,
+    here, into the object store (materialize), and every execution reshuffles the cached blocks
+    and cuts new random crops from them. Either way the trainer's local shuffle buffer
+    (iter_train_batches) mixes crops across files. `with_keys` adds each crop's
     photo key (tests; iter_train_batches needs it off). `cpus_per_task` is the logical CPU share
     of each read / decode task; `max_tasks` caps concurrent decode tasks (default: as many as
     the CPUs left to Ray Data allow); `read_ahead` caps the object store (bytes) it fills ahead
@@ -108,18 +232,41 @@ def build_train_dataset(
 
     files = shard_files(cfg.data.shards, "train")
     cols = [KEY_COLUMN, IMAGE_COLUMN] if with_keys else [IMAGE_COLUMN]
-    # shuffle="files": a new random file order per execution, i.e. per epoch.
-    ds = _read_parquet(files, num_cpus=cpus_per_task, shuffle="files").select_columns(cols)
+    kwargs = {"cfg": cfg, "with_keys": with_keys}
+    cached = use_cache(cfg) if cache is None else cache
+    if cached:
+        decoded = (
+            _read_parquet(files, num_cpus=cpus_per_task)
+            .select_columns(cols)
+            .map_batches(
+                _decode_map,  # type: ignore[arg-type]  # ray types fn as one-argument; fn_kwargs supplies the rest
+                fn_kwargs=kwargs,
+                batch_size=CACHE_ROWS_PER_BLOCK,
+                batch_format="numpy",
+                num_cpus=cpus_per_task,
+                concurrency=max_tasks,
+            )
+            .materialize()
+        )
+        ds = decoded.randomize_block_order()  # no seed: a new block order on every execution
+        fn = _crop_map
+    else:
+        # shuffle="files": a new random file order per execution, i.e. per epoch.
+        ds = _read_parquet(files, num_cpus=cpus_per_task, shuffle="files").select_columns(cols)
+        fn = _train_map
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=read_ahead or read_ahead_bytes())
-    return ds.map_batches(
-        _train_map,  # type: ignore[arg-type]  # ray types fn as one-argument; fn_kwargs supplies the rest
-        fn_kwargs={"cfg": cfg, "with_keys": with_keys},
+    if _idle_backoff_class() not in ds.context.custom_execution_callback_classes:
+        ds.context.custom_execution_callback_classes.append(_idle_backoff_class())
+    crops_ds: ray.data.Dataset = ds.map_batches(
+        fn,
+        fn_kwargs=kwargs,
         batch_size=ROWS_PER_MAP,
         batch_format="numpy",
         num_cpus=cpus_per_task,
         concurrency=max_tasks,
     )
+    return crops_ds
 
 
 def iter_train_batches(

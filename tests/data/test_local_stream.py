@@ -95,8 +95,8 @@ def test_scale_jitter_resizes_each_photo_within_its_range(monkeypatch):
     from ce_ray.data import crops
 
     sizes = []
-    real = crops.resize_shorter
-    monkeypatch.setattr(crops, "resize_shorter", lambda rgb, size: sizes.append(size) or real(rgb, size))
+    real = crops.random_crops_of
+    monkeypatch.setattr(crops, "random_crops_of", lambda rgb, size, *a: sizes.append(size) or real(rgb, size, *a))
     photo = image_io.encode_png(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     rng = np.random.default_rng(0)
 

@@ -145,8 +145,10 @@ def test_cpu_budget_guard():
 
 
 @pytest.mark.ray
-def test_file_order_is_reshuffled_each_epoch(ray_session, bundled_shards):
-    cfg = _cfg(bundled_shards, "center", repeat=1)
+@pytest.mark.parametrize("cache", ["off", "on"])
+def test_file_order_is_reshuffled_each_epoch(ray_session, bundled_shards, cache, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_ROWS_PER_BLOCK", 1)  # cached: one photo per block, 9! block orders
+    cfg = _cfg(bundled_shards, "center", repeat=1, cache=cache)
     ds = data.build_train_dataset(cfg, with_keys=True)
     # Keep rows in read order so the output order is the file order (5 shards of <= 2 photos).
     ds.context.execution_options.preserve_order = True
@@ -154,3 +156,62 @@ def test_file_order_is_reshuffled_each_epoch(ray_session, bundled_shards):
         tuple(k for b in ds.iter_batches(batch_size=None, batch_format="numpy") for k in b["key"]) for _ in range(3)
     }
     assert len(orders) > 1 and all(sorted(o) == sorted(TRAIN_KEYS) for o in orders)
+
+
+@pytest.mark.ray
+def test_scheduling_loop_sleeps_while_the_trainer_lags(ray_session, bundled_shards):
+    """A pipeline held back by its read-ahead cap has no running task; Ray Data's scheduling loop
+    would then spin without blocking. The pipeline's IdleBackoff callback sleeps on those
+    iterations (it runs in this process: no split coordinator here), and the data still arrives
+    complete."""
+    import time
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    # The private field the callback reads: a Ray upgrade that renames it fails here, not silently.
+    assert "_topology" in StreamingExecutor.__init__.__code__.co_names
+
+    cfg = _cfg(bundled_shards, repeat=4)
+    ds = data.build_train_dataset(cfg, read_ahead=1)  # a 1-byte cap: one task's output at a time
+    backoff = data.IdleBackoff
+    assert backoff in ds.context.custom_execution_callback_classes
+    before = backoff.sleeps
+    n = 0
+    for _ in data.iter_train_batches(ds.iterator(), cfg, "cpu", prefetch_batches=0):
+        time.sleep(0.3)  # a slow training step: the executor waits on it with nothing running
+        n += 1
+    assert n == (9 * 4) // 8
+    assert backoff.sleeps > before
+
+
+@pytest.mark.ray
+def test_cached_photos_are_decoded_once_and_cropped_anew_each_epoch(ray_session, bundled_shards, tmp_path):
+    """data.cache: the decode pass runs once, when the dataset is built; the shards can then
+    vanish and every epoch still streams every photo, with new random crops."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(bundled_shards, shards)
+    cfg = _cfg(str(shards), "random_block", repeat=2, cache="on", scale_jitter=0.3)
+    ds = data.build_train_dataset(cfg, with_keys=True)
+    shutil.rmtree(shards)  # nothing is read from the files after the first pass
+    epochs = [list(ds.iter_batches(batch_size=None, batch_format="numpy")) for _ in range(2)]
+    keys = [sorted(k for b in e for k in b["key"]) for e in epochs]
+    assert keys[0] == keys[1] == sorted(list(TRAIN_KEYS) * 2)  # data.repeat=2 crops of every photo
+    images = [np.concatenate([b["image"] for b in e]) for e in epochs]
+    assert images[0].shape == images[1].shape == (18, 3, 128, 128)
+    first = {k: img for b in epochs[0] for k, img in zip(b["key"], b["image"])}
+    second = {k: img for b in epochs[1] for k, img in zip(b["key"], b["image"])}
+    assert sum(np.array_equal(first[k], second[k]) for k in TRAIN_KEYS) == 0  # new crops every epoch
+
+
+def test_auto_cache_when_the_decoded_split_fits_a_quarter_of_the_store(bundled_shards):
+    cfg = _cfg(bundled_shards)
+    need = data.decoded_bytes(cfg)
+    assert 9 * 128 * 128 * 3 < need < 9 * 2000 * 2000 * 3  # nine photos, decoded no larger than needed
+    assert data.use_cache(cfg, store_bytes=4 * need)
+    assert not data.use_cache(cfg, store_bytes=4 * need - 4)
+    assert data.use_cache(config.replace(cfg, data={"cache": "on"}), store_bytes=0)
+    assert not data.use_cache(config.replace(cfg, data={"cache": "off"}), store_bytes=1e15)
+    with pytest.raises(UserError, match="data.cache"):
+        config.replace(cfg, data={"cache": "yes"})
