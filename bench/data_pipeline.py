@@ -7,10 +7,12 @@ r"""Data-path benchmark: Ray Data vs a plain torch Dataset + DataLoader, data st
 
 Prints key=value lines, all measured in this one run on this machine:
 - ray_img_per_s: the Ray Data pipeline alone (ce_ray.data.stream: read -> decode -> crop -> flip -> hole
-  -> iter_train_batches), second epoch, so it includes one epoch start.
+  -> iter_train_batches), second epoch, so it includes one epoch start; ray_cached_*: the same with
+  data.cache on (decoded once into the object store when the dataset is built; each epoch crops the
+  cached photos anew). --cache picks the designs measured.
 - torch_img_per_s: ce_ray.data.local_stream.LocalTrainStream (an IterableDataset + torch DataLoader with
   --loader-workers processes) over the same shards.
-- ray_img_per_s_per_core / loader_img_per_s_per_core / ray_vs_loader_per_core: crops per CPU-second
+- ray[_cached]_img_per_s_per_core / loader_img_per_s_per_core / ray[_cached]_vs_loader_per_core: crops per CPU-second
   that each pipeline's whole process tree spent (target ratio >= 0.8); bytes_per_crop: what one
   crop costs as delivered (uint8 crop + bit-packed hole); cores_per_gpu_needed: a GPU step's img/s
   (--gpu-img-per-s, else estimated from FLOPs) / ray_img_per_s_per_core.
@@ -187,7 +189,8 @@ def rss_child(args) -> None:
     from ce_ray.data.stream import build_train_dataset
 
     cfg = bench_cfg(args.rss_child, args.batch, args)
-    ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
+    # Streaming only: memory that stays flat with the dataset's size is what these runs check.
+    ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead, cache=False)
     n = secs = 0
     for _ in range(args.epochs):
         ni, si, _, _ = ray_epoch(ds, cfg)
@@ -196,17 +199,18 @@ def rss_child(args) -> None:
 
 
 def bench_cfg(shards: str, batch: int, args) -> config.Config:
-    return config.replace(
-        config.Config(),
-        data={
-            "shards": shards,
-            "batch_size": batch,
-            "shuffle_buffer": args.shuffle_buffer,
-            "loader_workers": args.loader_workers,
-            "repeat": getattr(args, "repeat", 1),
-        },
-        train={"precision": args.precision},
-    )
+    """The bench's config: --config's (the recipe's network, crops and masks) or the paper's, on
+    the bench's shards, with its batch, buffer and loader settings (--repeat when given)."""
+    base = config.load(args.config) if getattr(args, "config", "") else config.Config()
+    data = {
+        "shards": shards,
+        "batch_size": batch,
+        "shuffle_buffer": args.shuffle_buffer,
+        "loader_workers": args.loader_workers,
+    }
+    if getattr(args, "repeat", 0):
+        data["repeat"] = args.repeat
+    return config.replace(base, data=data, train={"precision": args.precision})
 
 
 def main() -> None:
@@ -245,7 +249,14 @@ def main() -> None:
         help="object store of the memory runs (fixed so both cases get the same)",
     )
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,stall,memory")
-    ap.add_argument("--repeat", type=int, default=1, help="data.repeat: crops cut per decoded photo")
+    ap.add_argument("--repeat", type=int, default=0, help="data.repeat: crops cut per decoded photo (0: the config's)")
+    ap.add_argument("--config", default="", help="a recipe YAML: its network, crops and masks (default: the paper's)")
+    ap.add_argument(
+        "--cache",
+        default="off,on,device",
+        help="designs to measure: off (Ray Data decodes every epoch), on (data.cache: decoded once), device "
+        "(data.device_crops: crops cut on the training device; host CPU per crop)",
+    )
     ap.add_argument(
         "--gpu-img-per-s",
         type=float,
@@ -294,16 +305,46 @@ def main() -> None:
 
     if "throughput" not in skip:
         cfg = bench_cfg(small, args.batch, args)
-        ds = build_train_dataset(cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead)
         me = os.getpid()
-        ray_epoch(ds, cfg)  # warm-up epoch: worker processes start and import torch
-        c0 = tree_cpu_seconds(me)
-        n, secs, first, per_crop = ray_epoch(ds, cfg)
-        ray_cpu = tree_cpu_seconds(me) - c0  # driver, raylet, GCS and every Ray worker: all below us
-        ray_rate = n / secs
-        print(f"ray_img_per_s={ray_rate:.1f}")
-        print(f"ray_first_batch_s={first:.2f}")
-        print(f"ray_cpu_s={ray_cpu:.1f}")
+        ray_pc: dict[str, float] = {}
+        for design in [d for d in args.cache.split(",") if d in ("off", "on")]:
+            # Built (and, cached, decoded once) before the timing; the first epoch warms the
+            # worker processes (they import torch) and is not measured.
+            ds = build_train_dataset(
+                cfg, cpus_per_task=args.data_task_cpus, read_ahead=args.read_ahead, cache=design == "on"
+            )
+            key = "ray" if design == "off" else "ray_cached"
+            ray_epoch(ds, cfg)
+            c0 = tree_cpu_seconds(me)
+            n, secs, first, per_crop = ray_epoch(ds, cfg)
+            ray_cpu = tree_cpu_seconds(me) - c0  # driver, raylet, GCS and every Ray worker: all below us
+            print(f"{key}_img_per_s={n / secs:.1f}")
+            print(f"{key}_first_batch_s={first:.2f}")
+            print(f"{key}_cpu_s={ray_cpu:.1f}")
+            ray_pc[key] = n / max(ray_cpu, 1e-9)
+            del ds
+        if "device" in args.cache.split(","):
+            # data.device_crops: what the host spends per crop when a GPU cuts them. The cropper
+            # runs on the `meta` device, where every kernel is shape-only, so the CPU time left
+            # is the host's part (Python, dispatch) of launching the same kernels on a GPU. The
+            # photos are decoded once per run (printed apart: amortised over every epoch).
+            from ce_ray.data.device_crops import DeviceCropper, decode_photos
+            from ce_ray.data.local_stream import train_photo_bytes
+
+            encoded = train_photo_bytes(cfg)
+            c0 = time.process_time()
+            photos = decode_photos(encoded, cfg)
+            decode_cpu = time.process_time() - c0
+            cropper = DeviceCropper(photos, cfg, torch.device("meta"), seed=0)
+            cropper.batch(cfg.data.batch_size)
+            batches = 200
+            c0 = time.process_time()
+            for _ in range(batches):
+                cropper.batch(cfg.data.batch_size)
+            per_crop = (time.process_time() - c0) / (batches * cfg.data.batch_size)
+            print(f"device_decode_cpu_s_per_photo={decode_cpu / len(photos):.5f}")
+            print(f"device_host_cpu_s_per_crop={per_crop:.6f}")
+            ray_pc["device"] = 1 / per_crop
         stream = LocalTrainStream(cfg)
         list(stream.epoch(0))  # warm-up, as above
         t0, c0 = time.perf_counter(), tree_cpu_seconds(me)
@@ -314,10 +355,13 @@ def main() -> None:
         print(f"loader_cpu_s={loader_cpu:.1f}")
         # Per core: crops per CPU-second actually spent, whichever processes spent it. What a
         # cluster must provision per GPU depends on this, not on one machine's wall clock.
-        ray_pc, loader_pc = n / max(ray_cpu, 1e-9), n_l / max(loader_cpu, 1e-9)
-        print(f"ray_img_per_s_per_core={ray_pc:.1f}")
+        loader_pc = n_l / max(loader_cpu, 1e-9)
         print(f"loader_img_per_s_per_core={loader_pc:.1f}")
-        print(f"ray_vs_loader_per_core={ray_pc / loader_pc:.3f}")
+        print(f"loader_cpu_s_per_crop={1 / loader_pc:.6f}")
+        for key, pc in ray_pc.items():
+            print(f"{key}_img_per_s_per_core={pc:.1f}")
+            print(f"{key}_cpu_s_per_crop={1 / pc:.6f}")
+            print(f"{key}_vs_loader_per_core={pc / loader_pc:.3f}")
         s_ = cfg.data.fine_size
         print(f"bytes_per_crop={per_crop}")
         print(f"bytes_per_crop_float32_form={3 * s_ * s_ * 4 + s_ * s_ * 4}")
@@ -327,10 +371,14 @@ def main() -> None:
         if not gpu:
             from ce_ray.core.model import build_discriminator, build_generator, conv_macs
 
-            g, d = (
-                conv_macs(build_generator(cfg.model), (3, s_, s_)),
-                conv_macs(build_discriminator(cfg.model), (3, s_ // 2, s_ // 2)),
-            )
+            # One step per image: G forward + backward (~3 forwards); with the adversarial term
+            # on, D on the real and the fake (2 x 3 forwards). D sees the centre (centre
+            # variant) or the whole crop; G's input carries the mask channel when it has one.
+            g = conv_macs(build_generator(cfg.model))
+            d = 0
+            if cfg.loss.lambda_adv > 0:
+                d_side = s_ // 2 if cfg.model.variant == "center" else s_
+                d = conv_macs(build_discriminator(cfg.model, s_), (3, d_side, d_side))
             gflop = 2 * (3 * g + 2 * 3 * d) / 1e9
             gpu = args.assumed_mfu * args.gpu_peak_tflops * 1e3 / gflop
             source = (
@@ -339,7 +387,9 @@ def main() -> None:
             )
         print(f"gpu_step_img_per_s={gpu:.0f}")
         print(f"gpu_step_img_per_s_source={source.replace(' ', '_')}")
-        print(f"cores_per_gpu_needed={gpu / ray_pc:.0f}")
+        for key, pc in ray_pc.items():
+            print(f"{key}_cores_per_gpu_needed={gpu / pc:.1f}")
+        print(f"cores_per_gpu_needed={gpu / max(ray_pc.values()):.1f}")  # the better design's
 
     if "stall" not in skip:
         from ce_ray.core.model import build_discriminator, build_generator
@@ -380,7 +430,8 @@ def main() -> None:
         a = in_memory()
         r = from_ray()
         b = in_memory()
-        print("train_step=ce_ray.core.step.GanStep (paper model: center variant, 4000-d bottleneck)")
+        m_ = cfg.model
+        print(f"train_step=GanStep_{m_.variant}_variant_bottleneck_{m_.bottleneck}_ngf_{m_.ngf}")
         print(f"train_batch={args.train_batch}")
         print(f"train_threads={args.train_threads}")
         print(f"train_img_per_s_in_memory={(a + b) / 2:.2f}")

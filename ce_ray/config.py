@@ -60,6 +60,10 @@ class DataConfig:
     # split takes at most a quarter of the cluster's object store; "on" / "off" force it. Crops
     # stay random per epoch either way (data/stream.py).
     cache: str = "auto"
+    # Beyond the paper, for GPUs: photos decoded once onto the training device, which cuts the crops,
+    # flips and holes itself (data/device_crops.py: roi_align resampling, holes from a bank drawn
+    # once), so a GPU worker needs almost no CPU per crop. Off: the host pipelines cut them.
+    device_crops: bool = False
 
 
 # mask.kind=strokes draws each hole from a mixture of these: LaMa's three painted-stroke families

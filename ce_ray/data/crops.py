@@ -82,6 +82,13 @@ def random_crops_of(rgb: np.ndarray, load_size: int, n: int, cfg: Config, rng: n
     return out
 
 
+def largest_load_size(cfg: Config) -> int:
+    """The largest shorter side a training crop is cut at (data.load_size with the jitter's top):
+    what a photo decoded once for many epochs (data.cache, data.device_crops) must keep."""
+    d = cfg.data
+    return max(d.fine_size, round(d.load_size * (1 + d.scale_jitter)))
+
+
 def jittered_load_size(cfg: Config, rng: np.random.Generator) -> int:
     """train.lua's loadSize, times U[1 - j, 1 + j] with data.scale_jitter j (not in the paper)."""
     d = cfg.data

@@ -167,6 +167,17 @@ class LocalTrainStream:
         return self.batches_per_epoch
 
 
+def train_photo_bytes(cfg: Config, rank: int = 0, world_size: int = 1) -> list[bytes]:
+    """The encoded train photos of one rank (an equal, contiguous share in shard order): what
+    data.device_crops decodes once."""
+    files = shard_files(cfg.data.shards, "train")
+    rows: list[bytes] = []
+    for f in files:
+        rows += _parquet(f).read(columns=[IMAGE_COLUMN]).column(0).to_pylist()
+    per_rank = len(rows) // world_size
+    return rows[rank * per_rank : (rank + 1) * per_rank]
+
+
 def val_arrays(cfg: Config) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The validation crops: every tile of each val photo in shard order, capped at
     cfg.data.val_images, with holes seeded by (key, tile). Returns (images (N,3,S,S),

@@ -65,24 +65,27 @@ CACHE_STORE_FRACTION = 0.25
 # finer epoch order (the trainer's shuffle buffer mixes the crops further); 4 decoded 512-px photos
 # are ~4 MB, well above Ray's per-block overhead.
 CACHE_ROWS_PER_BLOCK = 4
-# How long Ray Data's scheduling loop sleeps per iteration while none of its tasks is running
-# (IdleBackoff). Its own wait (ray.wait, 0.1 s) only happens while tasks run, so this is the same
-# granularity; a training batch takes far longer than either.
+# How long Ray Data's scheduling loop sleeps on an iteration that changed nothing and did not
+# block (IdleBackoff). Its own wait (ray.wait, up to 0.1 s) is the same granularity, and a training
+# batch takes far longer than either.
 IDLE_BACKOFF_S = 0.05
+IDLE_STEP_S = 0.01  # a loop iteration shorter than this did not block in ray.wait
 
 
 def _idle_backoff_class() -> type:
     """IdleBackoff, defined on first use (it subclasses a Ray Data class; this module imports Ray
     lazily).
 
-    Ray 2.60's streaming executor runs its scheduling loop without blocking whenever no task is
-    running, which is exactly the state of a training pipeline that has filled its read-ahead cap
-    (read_ahead_bytes) and waits for the trainer to consume: the loop then spins, re-deriving
-    resource budgets, and took 0.5-0.9 of a core in the SplitCoordinator actor on a 2-core
-    machine (py-spy: ResourceManager.update_usages and _scheduling_loop_step) - CPU the
-    training step needed. The callback sleeps IDLE_BACKOFF_S on such an iteration; while tasks
-    run it does nothing (the loop then waits in ray.wait). It reads the executor's private
-    `_topology`: tests/data/test_stream.py checks that field still exists."""
+    Ray 2.60's streaming executor does not block in its scheduling loop when it cannot read:
+    its ray.wait returns at once for tasks that hold outputs the backpressure does not let it
+    take, and it skips the wait when no task runs. A training pipeline that has filled its
+    read-ahead cap (read_ahead_bytes) and waits for the trainer is in exactly that state most of
+    the time, and the loop spun at 0.5-0.9 of a core in the SplitCoordinator actor on a 2-core
+    machine (py-spy: ResourceManager.update_usages, _scheduling_loop_step), CPU the training step
+    needed. The callback sleeps IDLE_BACKOFF_S after an iteration that was fast (no blocking
+    wait) and changed nothing: no task submitted, no output generated, taken or received, no
+    output queue grown or drained. It reads private executor fields (`_topology`, the operators'
+    metrics): tests/data/test_stream.py checks they still exist."""
     global _IDLE_BACKOFF
     if _IDLE_BACKOFF is None:
         import time
@@ -92,11 +95,28 @@ def _idle_backoff_class() -> type:
         class IdleBackoff(ExecutionCallback):
             sleeps = 0  # per process: the tests read it
 
+            def __init__(self) -> None:
+                self.last: tuple[tuple[int, ...], ...] | None = None
+                self.t_last = time.perf_counter()
+
             def on_execution_step(self, executor: Any) -> None:
                 topology = getattr(executor, "_topology", None) or {}
-                if topology and not any(op.num_active_tasks() for op in topology):
+                state = tuple(
+                    (
+                        op.metrics.num_tasks_submitted,
+                        op.metrics.num_task_outputs_generated,
+                        op.metrics.num_outputs_taken,
+                        op.metrics.num_inputs_received,
+                        op_state.output_queue.num_blocks,
+                    )
+                    for op, op_state in topology.items()
+                )
+                now = time.perf_counter()
+                if state and state == self.last and now - self.t_last < IDLE_STEP_S:
                     type(self).sleeps += 1
                     time.sleep(IDLE_BACKOFF_S)
+                    now = time.perf_counter()
+                self.last, self.t_last = state, now
 
         IdleBackoff.__module__ = __name__  # pickled by reference with the dataset's context
         IdleBackoff.__qualname__ = "IdleBackoff"
@@ -144,8 +164,8 @@ def _train_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> di
 def _decode_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dict[str, np.ndarray]:
     """map_batches body of the cached pipeline's decode pass: {"image_bytes": (n,) object} ->
     {"rgb": (n,) object array of (H, W, 3) uint8 photos} (+ "key"), each decoded no smaller than
-    the largest size training resizes it to (cache_load_size)."""
-    size = cache_load_size(cfg)
+    the largest size training resizes it to (crops.largest_load_size)."""
+    size = crops.largest_load_size(cfg)
     rgb = np.empty(len(batch[IMAGE_COLUMN]), dtype=object)
     rgb[:] = [decode_rgb(data, draft_shorter=size) for data in batch[IMAGE_COLUMN]]
     out = {"rgb": rgb}
@@ -167,21 +187,15 @@ def _crop_map(batch: dict[str, np.ndarray], cfg: Config, with_keys: bool) -> dic
     return rows
 
 
-def cache_load_size(cfg: Config) -> int:
-    """The largest shorter side a training crop is cut at (data.load_size with the jitter's top)."""
-    d = cfg.data
-    return max(d.fine_size, round(d.load_size * (1 + d.scale_jitter)))
-
-
 def decoded_bytes(cfg: Config) -> int:
     """What the train split takes decoded for the cache: from the shards' width / height columns
     (footer and two int columns: no image is read), each photo at most as large as a JPEG draft
-    decode for cache_load_size leaves it (shorter side < 2x that size)."""
+    decode for crops.largest_load_size leaves it (shorter side < 2x that size)."""
     import pyarrow.parquet as pq
 
     from ce_ray.fsutil import fs_and_path
 
-    cap = 2 * cache_load_size(cfg)
+    cap = 2 * crops.largest_load_size(cfg)
     total = 0
     for f in shard_files(cfg.data.shards, "train"):
         fs, path = fs_and_path(f)
@@ -205,6 +219,30 @@ def use_cache(cfg: Config, store_bytes: float | None = None) -> bool:
 
         store_bytes = float(ray.cluster_resources().get("object_store_memory", 0))  # type: ignore[no-untyped-call]  # ray: unannotated
     return decoded_bytes(cfg) <= CACHE_STORE_FRACTION * store_bytes
+
+
+def build_photo_dataset(
+    cfg: Config, *, with_keys: bool = False, cpus_per_task: float = DATA_TASK_CPUS, max_tasks: int | None = None
+) -> ray.data.Dataset:
+    """The train photos decoded once, in the object store (materialized here): rows {"rgb": (H, W,
+    3) uint8} (+ "key"), each at least crops.largest_load_size on its shorter side. What the
+    cached pipeline crops every epoch, and what data.device_crops workers load onto their device."""
+    files = shard_files(cfg.data.shards, "train")
+    cols = [KEY_COLUMN, IMAGE_COLUMN] if with_keys else [IMAGE_COLUMN]
+    decoded: ray.data.Dataset = (
+        _read_parquet(files, num_cpus=cpus_per_task)
+        .select_columns(cols)
+        .map_batches(
+            _decode_map,  # type: ignore[arg-type]  # ray types fn as one-argument; fn_kwargs supplies the rest
+            fn_kwargs={"cfg": cfg, "with_keys": with_keys},
+            batch_size=CACHE_ROWS_PER_BLOCK,
+            batch_format="numpy",
+            num_cpus=cpus_per_task,
+            concurrency=max_tasks,
+        )
+        .materialize()
+    )
+    return decoded
 
 
 def build_train_dataset(
@@ -235,19 +273,7 @@ def build_train_dataset(
     kwargs = {"cfg": cfg, "with_keys": with_keys}
     cached = use_cache(cfg) if cache is None else cache
     if cached:
-        decoded = (
-            _read_parquet(files, num_cpus=cpus_per_task)
-            .select_columns(cols)
-            .map_batches(
-                _decode_map,  # type: ignore[arg-type]  # ray types fn as one-argument; fn_kwargs supplies the rest
-                fn_kwargs=kwargs,
-                batch_size=CACHE_ROWS_PER_BLOCK,
-                batch_format="numpy",
-                num_cpus=cpus_per_task,
-                concurrency=max_tasks,
-            )
-            .materialize()
-        )
+        decoded = build_photo_dataset(cfg, with_keys=with_keys, cpus_per_task=cpus_per_task, max_tasks=max_tasks)
         ds = decoded.randomize_block_order()  # no seed: a new block order on every execution
         fn = _crop_map
     else:
@@ -259,7 +285,7 @@ def build_train_dataset(
     if _idle_backoff_class() not in ds.context.custom_execution_callback_classes:
         ds.context.custom_execution_callback_classes.append(_idle_backoff_class())
     crops_ds: ray.data.Dataset = ds.map_batches(
-        fn,
+        fn,  # type: ignore[arg-type]  # ray types fn as one-argument; fn_kwargs supplies the rest
         fn_kwargs=kwargs,
         batch_size=ROWS_PER_MAP,
         batch_format="numpy",

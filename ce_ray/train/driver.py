@@ -151,8 +151,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
                 start_val()  # the train pipeline is up: now read the val set beside it
             yield batch
 
+    batches: Callable[[int], Iterator[Batch]] = train_batches
+    if cfg.data.device_crops:
+        batches = _device_batches(shard, cfg, device, seed=cfg.train.seed + 7919 * rank, start_val=start_val)
+
     env = WorkerEnv(
-        train_batches=train_batches,
+        train_batches=batches,
         val_data=lambda: val,
         report=report,
         restore=restore,
@@ -167,6 +171,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     if hook is not None:
         hook.finished(rank, int(last.get("step", restore.step if restore else 0)), [unwrap(m) for m in models])
     return last
+
+
+def _device_batches(
+    shard: Any, cfg: C.Config, device: Any, *, seed: int, start_val: Callable[[], None]
+) -> Callable[[int], Iterator[Batch]]:
+    """data.device_crops: this worker's share of the decoded photos (stream.build_photo_dataset,
+    split equally across workers) loaded onto its device once, then every epoch cut there."""
+    from ce_ray.data.device_crops import DeviceCropper, batches_per_epoch
+
+    photos = [rgb for b in shard.iter_batches(batch_size=None, batch_format="numpy") for rgb in b["rgb"]]
+    start_val()
+    n = batches_per_epoch(len(photos), cfg)
+    if n == 0:
+        raise UserError(
+            f"an epoch yields no full batch per worker: {len(photos)} photos x data.repeat={cfg.data.repeat} crops "
+            f"< data.batch_size={cfg.data.batch_size}; raise data.repeat, lower data.batch_size or scale.num_workers, "
+            "or prepare more photos"
+        )
+    cropper = DeviceCropper(photos, cfg, device, seed)
+    return lambda epoch: (cropper.batch(cfg.data.batch_size) for _ in range(n))
 
 
 # --- Driver ---------------------------------------------------------------------------------------
@@ -267,7 +291,8 @@ def _build_datasets(cfg: C.Config) -> dict[str, Dataset]:
         # with_keys: the keyless variant ends in a drop_columns step that runs as its own task
         # asking a whole CPU (it cannot fuse past the val cap), which never schedules when the
         # workers hold part of every node's CPUs; rank 0 just ignores the key column.
-        datasets = {"train": data.build_train_dataset(cfg)}
+        train = data.build_photo_dataset(cfg) if cfg.data.device_crops else data.build_train_dataset(cfg)
+        datasets = {"train": train}
     finally:
         ctx.enable_progress_bars = enabled
     for ds in datasets.values():

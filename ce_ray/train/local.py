@@ -19,10 +19,12 @@ import functools
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ce_ray import tracking
 from ce_ray.config import Config
@@ -31,7 +33,7 @@ from ce_ray.errors import UserError
 from ce_ray.fsutil import copy_dir
 from ce_ray.train import checkpoint as ckpt_io
 from ce_ray.train import mlflow_run, runs
-from ce_ray.train.loop import Tracker, WorkerEnv, run
+from ce_ray.train.loop import Batch, Tracker, WorkerEnv, run
 
 
 class FolderTracker:
@@ -62,6 +64,23 @@ class BothTrackers:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         for t in self.trackers:
             t.log_artifact(path, artifact_path)
+
+
+def device_batches(cfg: Config, device: torch.device, seed: int) -> Callable[[int], Iterator[Batch]]:
+    """data.device_crops for --local: the train photos decoded once onto `device`, then every
+    epoch's crops, flips and holes made there (data/device_crops.py)."""
+    from ce_ray.data.device_crops import DeviceCropper, batches_per_epoch, decode_photos
+    from ce_ray.data.local_stream import train_photo_bytes
+
+    photos = decode_photos(train_photo_bytes(cfg), cfg)
+    n = batches_per_epoch(len(photos), cfg)
+    if n == 0:
+        raise UserError(
+            f"an epoch yields no full batch: {len(photos)} train photos x data.repeat={cfg.data.repeat} crops < "
+            f"data.batch_size={cfg.data.batch_size}; raise data.repeat, lower data.batch_size, or prepare more photos"
+        )
+    cropper = DeviceCropper(photos, cfg, device, seed)
+    return lambda epoch: (cropper.batch(cfg.data.batch_size) for _ in range(n))
 
 
 @dataclass
@@ -98,7 +117,10 @@ def train_local(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    stream = LocalTrainStream(cfg, rank=0, world_size=1, seed=cfg.train.seed + (restore.step if restore else 0))
+    seed = cfg.train.seed + (restore.step if restore else 0)
+    train_batches = (
+        device_batches(cfg, device, seed) if cfg.data.device_crops else LocalTrainStream(cfg, seed=seed).epoch
+    )
     state: dict[str, Any] = {"checkpoint": Path(plan.latest) if plan.latest else None, "metrics": {}}
 
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
@@ -120,7 +142,7 @@ def train_local(
             else BothTrackers(FolderTracker(run_dir), mlflow_run.MlflowTracker(handle))
         )
     env = WorkerEnv(
-        train_batches=stream.epoch,
+        train_batches=train_batches,
         val_data=lambda: runs.val_set(cfg),
         report=report,
         restore=restore,

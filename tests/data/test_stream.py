@@ -166,10 +166,15 @@ def test_scheduling_loop_sleeps_while_the_trainer_lags(ray_session, bundled_shar
     complete."""
     import time
 
+    from ray.data._internal.execution.interfaces.op_runtime_metrics import OpRuntimeMetrics
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    from ray.data._internal.execution.streaming_executor_state import OpState
 
-    # The private field the callback reads: a Ray upgrade that renames it fails here, not silently.
+    # The private fields the callback reads: a Ray upgrade that renames them fails here, not silently.
     assert "_topology" in StreamingExecutor.__init__.__code__.co_names
+    fields = set(OpRuntimeMetrics.__dataclass_fields__)
+    assert {"num_tasks_submitted", "num_task_outputs_generated", "num_outputs_taken", "num_inputs_received"} <= fields
+    assert "output_queue" in OpState.__init__.__code__.co_names
 
     cfg = _cfg(bundled_shards, repeat=4)
     ds = data.build_train_dataset(cfg, read_ahead=1)  # a 1-byte cap: one task's output at a time

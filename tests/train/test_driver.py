@@ -196,6 +196,26 @@ def test_smoke_training_end_to_end(smoke):
 
 
 @pytest.mark.ray
+def test_device_crops_under_ray_train(ray_session, bundled_shards, tmp_path):
+    """data.device_crops under Ray Train, 2 DDP workers: each loads its equal share of the decoded
+    photos onto its device once and cuts every batch there; the run completes and the ranks end
+    with equal weights."""
+    cfg = smoke_config(
+        bundled_shards,
+        tmp_path / "out",
+        tmp_path / "runs",
+        "data.device_crops=true",
+        "data.repeat=4",
+        "train.steps=3",
+        "mlflow.enabled=false",
+    )
+    summary = T.train(cfg, hook=ProbeHook(_mkdir(tmp_path / "probes")), log=lambda line: None)
+    assert summary.step == 3
+    ends = probes(tmp_path / "probes", "end")
+    assert sorted(e["rank"] for e in ends) == [0, 1] and ends[0]["g_params"] == ends[1]["g_params"]
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_mlflow_contents_of_the_run(smoke):
     cfg, s = smoke["cfg"], smoke["summary"]
