@@ -92,6 +92,15 @@ DEFAULT_TARGET_ONGOING_REQUESTS = 4.0
 DEFAULT_UPSCALE_DELAY_S = 30.0
 DEFAULT_DOWNSCALE_DELAY_S = 120.0
 
+# Replica health checks. When a replica's process dies, its in-flight requests fail at once (500
+# from the proxy) and the proxy holds later requests until a replacement is up; the controller
+# starts that replacement only when its next health check finds the replica dead. Serve's 10 s
+# period made recovery after a SIGKILL under load 7-14 s (6 runs) on a shared 2-core machine, 2 s
+# made it 5-7 s (5 runs; bench/serve_fault.py); the check is a no-op call on the replica's event loop.
+# The timeout stays Serve's 30 s: a live replica that is only slow (a loaded CPU) must not be killed.
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+
 # InpaintError codes -> HTTP status. Anything not listed is a 400.
 STATUS = {
     "payload_too_large": 413,
@@ -278,12 +287,13 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-# Serve's default health checks (every 10 s, 30 s timeout) are kept on purpose. When a replica's
-# process dies, only its in-flight requests fail (500 from the proxy, at once); the proxy drops the
-# dead replica and later requests wait for the replacement, which was up ~8 s after a SIGKILL on a
-# shared 2-core machine (bench/serve_fault.py). A 2 s period gained ~1 s there, not worth checks 5x
-# as often; a shorter timeout would risk restarting a replica that is only busy.
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+)
 @serve.ingress(api)
 class Inpainter:
     """One replica: the generator on its device, the limits, and the batching queue."""
