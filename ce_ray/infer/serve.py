@@ -4,7 +4,15 @@ The HTTP API, dynamic batching across requests, input limits, and the web page. 
 (any size, any hole) is planner.py.
 
     ce-ray serve --model URI [--host 127.0.0.1 --port 8000 --replicas N]   blocks until Ctrl-C
+    ce-ray serve --host 0.0.0.0 --api-key-file PATH ...   exposed: every client needs the key
     serve run cluster/serve.yaml          or    CE_RAY_MODEL=URI serve run ce_ray.infer.serve:app
+
+API key: a server bound to anything but a loopback address refuses to start without one
+(--api-key-file PATH or $CE_RAY_API_KEY; for the Serve-config app $CE_RAY_API_KEY_FILE or
+$CE_RAY_API_KEY) unless --insecure-no-auth ($CE_RAY_INSECURE_NO_AUTH=1) says so on purpose. With a
+key (on loopback too, when one is given) every request but GET /healthz and GET / (the page: static,
+no data; it asks for the key and sends it on its own calls) needs `Authorization: Bearer <key>`,
+else a 401 JSON body. Replicas get only the key's SHA-256, never the key itself.
 
 Routes
     POST /v1/inpaint   multipart: image (PNG/JPEG, any size), optional mask (white = hole; default
@@ -40,6 +48,9 @@ the bytes of a body sent without one.
 # then cannot resolve string annotations such as `request: Request` (it took them for query params).
 import argparse
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import logging
 import os
 import signal
@@ -52,6 +63,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ce_ray.errors import UserError
 from ce_ray.infer.shipped import DEFAULT_MODEL
@@ -79,6 +91,15 @@ METHODS = ("model", "telea", "navier_stokes", "biharmonic", "harmonic")  # `meth
 DEFAULT_TARGET_ONGOING_REQUESTS = 4.0
 DEFAULT_UPSCALE_DELAY_S = 30.0
 DEFAULT_DOWNSCALE_DELAY_S = 120.0
+
+# Replica health checks. When a replica's process dies, its in-flight requests fail at once (500
+# from the proxy) and the proxy holds later requests until a replacement is up; the controller
+# starts that replacement only when its next health check finds the replica dead. Serve's 10 s
+# period made recovery after a SIGKILL under load 7-14 s (6 runs) on a shared 2-core machine, 2 s
+# made it 5-7 s (5 runs; bench/serve_fault.py); the check is a no-op call on the replica's event loop.
+# The timeout stays Serve's 30 s: a live replica that is only slow (a loaded CPU) must not be killed.
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
 
 # InpaintError codes -> HTTP status. Anything not listed is a 400.
 STATUS = {
@@ -154,9 +175,107 @@ def describe_model(uri: str, loaded: "LoadedGenerator") -> dict[str, Any]:
     }
 
 
+# --- API key ---------------------------------------------------------------------------------------
+
+API_KEY_ENV = "CE_RAY_API_KEY"
+API_KEY_FILE_ENV = "CE_RAY_API_KEY_FILE"  # the Serve-config app's --api-key-file
+INSECURE_ENV = "CE_RAY_INSECURE_NO_AUTH"  # the Serve-config app's --insecure-no-auth ("1")
+OPEN_PATHS = ("/healthz", "/", "")  # probes, and the page (static; it asks for the key itself)
+
+
+CLI_WAYS_OUT = ("--api-key-file PATH", f"the {API_KEY_ENV} environment variable", "--insecure-no-auth")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server to this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything, so it counts as exposed
+        return False
+
+
+def read_api_key_file(path: str) -> str:
+    """The key in a file (a mounted secret, say), without surrounding whitespace (a trailing newline)."""
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the API key file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not key:
+        raise UserError(f"the API key file {path} is empty: put the key in it (one line)")
+    return key
+
+
+def resolve_api_key(
+    host: str,
+    key_file: str | None,
+    env_key: str | None,
+    insecure: bool,
+    names: tuple[str, str, str] = CLI_WAYS_OUT,
+) -> str | None:
+    """The API key the server enforces (the file first, else the env var), or None: no key is
+    allowed only on a loopback host or with `insecure`. `names`: how the three ways out are spelled
+    in the refusal (CLI flags, or the Serve-config app's env vars)."""
+    if key_file:
+        return read_api_key_file(key_file)
+    if env_key is not None and env_key.strip():
+        return env_key.strip()
+    if is_loopback(host) or insecure:
+        return None
+    raise UserError(
+        f"refusing to serve on {host}, which is not a loopback address, without an API key: anyone who can "
+        f"reach it could use this server. Either give a key ({names[0]}, or {names[1]}; clients then send "
+        f"'Authorization: Bearer <key>'), bind a loopback address (127.0.0.1), or pass {names[2]} to serve "
+        "without authentication on purpose"
+    )
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class BearerAuth:
+    """ASGI middleware: with a key set, every request but OPEN_PATHS needs `Authorization: Bearer
+    <key>` (compared in constant time), else 401 JSON. In front of every route, present or future."""
+
+    # The key's digest for the replica in this process, set by Inpainter.__init__. Serve runs a
+    # frozen copy of `api` and ships Inpainter by value (its __init__ then writes a copy of this
+    # module's globals), so the one object both sides reach is this class, which pickles by
+    # reference. One replica per actor process: one value per replica.
+    key_sha256: str | None = None
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        digest = BearerAuth.key_sha256
+        if digest is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # the route prefix (e.g. /t-serve) is not part of the route
+            path = path[len(root) :]
+        if path in OPEN_PATHS and scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and given.strip():
+            if hmac.compare_digest(key_digest(given.strip()), digest):
+                await self.app(scope, receive, send)
+                return
+            code, detail = "invalid_api_key", "the API key is not valid"
+        else:
+            code, detail = "missing_api_key", "this server needs an API key: send 'Authorization: Bearer <key>'"
+        reply = JSONResponse({"error": code, "detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await reply(scope, receive, send)
+
+
 api = FastAPI(
     title="ce-ray", description="Context Encoder inpainting (Pathak et al. 2016)", docs_url=None, redoc_url=None
 )
+api.add_middleware(BearerAuth)
 
 
 @api.exception_handler(Exception)
@@ -168,7 +287,13 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1})
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+)
 @serve.ingress(api)
 class Inpainter:
     """One replica: the generator on its device, the limits, and the batching queue."""
@@ -183,8 +308,11 @@ class Inpainter:
         tracking_uri: str | None = None,
         models: dict[str, str] | None = None,
         max_models_per_replica: int = DEFAULT_MAX_MODELS_PER_REPLICA,
+        api_key_sha256: str | None = None,
     ):
         import torch
+
+        BearerAuth.key_sha256 = api_key_sha256  # enforced in front of every route (None: no key)
 
         from ce_ray.core.step import resolve_device
 
@@ -497,11 +625,14 @@ def build_app(
     upscale_delay_s: float = DEFAULT_UPSCALE_DELAY_S,
     downscale_delay_s: float = DEFAULT_DOWNSCALE_DELAY_S,
     look_back_period_s: float = 30.0,
+    api_key: str | None = None,
 ) -> serve.Application:
     """The Serve application (pass to serve.run). `model_uri`: one URI or several (the first is the
     default; each request may choose another). gpus_per_replica None = 1 when the cluster (or,
     before ray.init, this machine) has a GPU, else 0. min/max_replicas: autoscale between them
-    (target_ongoing_requests per replica) instead of a fixed `replicas`."""
+    (target_ongoing_requests per replica) instead of a fixed `replicas`. api_key: every request but
+    /healthz and the page needs `Authorization: Bearer <api_key>` (see resolve_api_key for when one
+    is required); only its SHA-256 reaches the replicas."""
     uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
     if not uris or not all(uris):
         raise UserError("no model: pass --model URI (or set CE_RAY_MODEL for `serve run ce_ray.infer.serve:app`)")
@@ -554,6 +685,7 @@ def build_app(
         threads=threads,
         tracking_uri=tracking_uri,  # "auto" resolves in the replica: cuda iff it got a GPU
         max_models_per_replica=max_models_per_replica,
+        api_key_sha256=key_digest(api_key) if api_key else None,
     )
     return app
 
@@ -571,17 +703,42 @@ def parse_models(models: list[str] | None, registry_models: str | None) -> list[
 def app_from_env() -> serve.Application:
     """`serve run ce_ray.infer.serve:app` / cluster/serve.yaml: the app configured by environment variables
     (CE_RAY_MODEL: one URI or several, comma-separated, default the shipped model; CE_RAY_MAX_UPLOAD_MB,
-    CE_RAY_MAX_PIXELS, CE_RAY_DEVICE optional).
+    CE_RAY_MAX_PIXELS, CE_RAY_DEVICE optional; the API key from CE_RAY_API_KEY_FILE or CE_RAY_API_KEY,
+    required when Serve's HTTP host is not loopback unless CE_RAY_INSECURE_NO_AUTH=1).
     Replicas, resources and batching then come from the Serve config's deployment section."""
     env = os.environ
     uris = [u.strip() for u in env.get("CE_RAY_MODEL", "").split(",") if u.strip()]  # several: comma-separated
+    key = resolve_api_key(
+        _serve_http_host(),
+        env.get(API_KEY_FILE_ENV) or None,
+        env.get(API_KEY_ENV),
+        env.get(INSECURE_ENV, "").strip().lower() in ("1", "true", "yes"),
+        names=(f"{API_KEY_FILE_ENV}=PATH", f"{API_KEY_ENV}", f"{INSECURE_ENV}=1"),
+    )
     return build_app(
         uris or DEFAULT_MODEL,
         max_upload_mb=float(env.get("CE_RAY_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
         max_pixels=int(env.get("CE_RAY_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
         device=env.get("CE_RAY_DEVICE", "auto"),
         gpus_per_replica=float(env["CE_RAY_GPUS"]) if "CE_RAY_GPUS" in env else None,
+        api_key=key,
     )
+
+
+def _serve_http_host() -> str:
+    """The host Serve's proxies bind: the running controller's, else Serve's default (127.0.0.1:
+    `serve run module:app` builds the app before it starts Serve with its defaults)."""
+    import ray
+
+    if ray.is_initialized():  # never start a cluster just to ask (serve's client would)
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is not None:
+            return str(client.http_config.host)
+    from ray.serve.config import HTTPOptions
+
+    return str(HTTPOptions().host)
 
 
 def __getattr__(name: str) -> serve.Application:
@@ -629,6 +786,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help=f"file holding the API key clients must send as 'Authorization: Bearer <key>' (else ${API_KEY_ENV}); "
+        "required when --host is not a loopback address",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without an API key (only behind something that authenticates)",
+    )
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument(
@@ -660,6 +829,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     # --address, else RAY_ADDRESS, else a private local cluster (never another one on this machine
     # by accident). Serve needs no dashboard; its HTTP proxy binds --host (loopback by default).
     uris = parse_models(args.model, args.models)  # a missing model fails before Ray starts
+    # So does an exposed host without a key (never printed or logged: only its digest leaves here).
+    api_key = resolve_api_key(args.host, args.api_key_file, os.environ.get(API_KEY_ENV), args.insecure_no_auth)
     own_cluster = cluster.connect_ray(args.address, dashboard=False)
     application = build_app(
         uris,
@@ -677,6 +848,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         tracking_uri=args.mlflow_tracking_uri,
+        api_key=api_key,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd / docker stop clean up like Ctrl-C
     # Ctrl-C explicitly too: a process started from a background job (`cmd &` in a script, CI)
@@ -690,7 +862,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
         serve.run(application, name=APP_NAME, route_prefix="/", logging_config=quiet)
-        print(f"serving {', '.join(uris)} at http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+        auth = "API key required" if api_key else "no API key"
+        print(f"serving {', '.join(uris)} at http://{args.host}:{args.port}/  ({auth}; Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

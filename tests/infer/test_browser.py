@@ -198,3 +198,66 @@ def test_paint_inpaint_and_download_in_chromium(page_url, tmp_path):
                 assert f.read() == body
         finally:
             browser.close()
+
+
+KEY = "browser-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_page_url(page_url, tiny_checkpoint):
+    """The same app with an API key, beside the open one (page_url started Serve)."""
+    from ray import serve
+
+    from ce_ray.infer.serve import build_app
+
+    serve.run(
+        build_app(str(tiny_checkpoint), cpus_per_replica=0.5, api_key=KEY),
+        name="test-browser-key",
+        route_prefix="/t-browser-key",
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
+    try:
+        yield page_url.replace("/t-browser/", "/t-browser-key/")
+    finally:
+        serve.delete("test-browser-key")
+
+
+def test_the_page_asks_for_the_api_key_once_and_again_after_a_401(keyed_page_url, tmp_path):
+    """The page's first call gets a 401: it asks for the key (a wrong one is asked again), keeps it
+    for the tab, and sends it on every later call: Inpaint then works without another question."""
+    from playwright.sync_api import sync_playwright
+
+    photo = dict(load_bundled())["skimage/chelsea"]
+    Image.fromarray(photo).save(tmp_path / "cat.png")
+    answers, asked = ["wrong-key", KEY], []
+
+    def answer(dialog):
+        asked.append(dialog.message)
+        dialog.accept(answers.pop(0)) if answers else dialog.dismiss()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("dialog", answer)
+            page.goto(keyed_page_url)
+            page.wait_for_function("document.getElementById('model-info').textContent.includes('step')")
+            assert asked == ["This server needs an API key:", "That API key was not accepted. API key:"], asked
+            assert page.evaluate("sessionStorage.getItem('ce-ray-api-key')") == KEY
+            assert page.evaluate("document.getElementById('model').options.length") == 1, "v1/models answered"
+            page.set_input_files("#file", str(tmp_path / "cat.png"))
+            page.wait_for_selector("#input-canvas[data-ready='1']")
+            page.click("#inpaint")  # the model's fill and the Telea comparison: two keyed POSTs
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')")
+            assert page.evaluate("document.getElementById('result').naturalWidth") == photo.shape[1]
+            assert len(asked) == 2, "the key was asked for once (plus once after the wrong one), not per call"
+            # A key that stops working (rotated on the server) is asked for again on the next call.
+            page.evaluate("sessionStorage.setItem('ce-ray-api-key', 'rotated-away')")
+            answers.append(KEY)
+            page.click("#inpaint")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')")
+            assert asked[2:] == ["That API key was not accepted. API key:"], asked
+            assert page.text_content("#error") == ""
+        finally:
+            browser.close()
