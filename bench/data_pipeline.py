@@ -267,6 +267,7 @@ def main() -> None:
         "--gpu-peak-tflops", type=float, default=989.0, help="the estimate's dense bf16 peak (H100 / H200 SXM)"
     )
     ap.add_argument("--assumed-mfu", type=float, default=0.35, help="the estimate's model-FLOP utilisation")
+    ap.add_argument("--device-batch", type=int, default=0, help="crops per device batch (0: the config's batch)")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ray-tmp", default="", help=argparse.SUPPRESS)
@@ -336,15 +337,19 @@ def main() -> None:
             photos = decode_photos(encoded, cfg)
             decode_cpu = time.process_time() - c0
             cropper = DeviceCropper(photos, cfg, torch.device("meta"), seed=0)
-            cropper.batch(cfg.data.batch_size)
+            # The host's cost is per batch (kernel launches), so per crop it falls with the batch a
+            # GPU worker draws: --device-batch (default: the config's batch).
+            device_batch = args.device_batch or cfg.data.batch_size
+            cropper.batch(device_batch)
             batches = 200
             c0 = time.process_time()
             for _ in range(batches):
-                cropper.batch(cfg.data.batch_size)
-            per_crop = (time.process_time() - c0) / (batches * cfg.data.batch_size)
+                cropper.batch(device_batch)
+            host_per_batch = (time.process_time() - c0) / batches
             print(f"device_decode_cpu_s_per_photo={decode_cpu / len(photos):.5f}")
-            print(f"device_host_cpu_s_per_crop={per_crop:.6f}")
-            ray_pc["device"] = 1 / per_crop
+            print(f"device_batch={device_batch}")
+            print(f"device_host_cpu_s_per_batch={host_per_batch:.5f}")
+            ray_pc["device"] = device_batch / host_per_batch
         stream = LocalTrainStream(cfg)
         list(stream.epoch(0))  # warm-up, as above
         t0, c0 = time.perf_counter(), tree_cpu_seconds(me)

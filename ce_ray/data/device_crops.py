@@ -55,7 +55,7 @@ class DeviceCropper:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.photos = torch.zeros(self.n, 3, hmax, wmax, dtype=dtype, device=device)  # (N, 3, Hmax, Wmax) 0..255
         for i, p in enumerate(photos):
-            self.photos[i, :, : p.shape[0], : p.shape[1]] = torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1)
+            self.photos[i, :, : p.shape[0], : p.shape[1]] = torch.from_numpy(np.array(p)).permute(2, 0, 1)
         self.hw = torch.tensor([p.shape[:2] for p in photos], dtype=torch.float32, device=device)  # (N, 2)
         # `meta` (shape-only dry runs: the no-host-read test) has no generator; its draws are empty.
         self.gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
@@ -66,39 +66,40 @@ class DeviceCropper:
             bank = holes_for(m, s, bank_size, np.random.default_rng(seed))
         self.bank = torch.from_numpy(np.ascontiguousarray(bank)).to(device).bool()  # (K, 1, S, S)
 
-    def _rand(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.gen, device=self.device)
-
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.ops import roi_align
 
         d, s = self.cfg.data, self.cfg.data.fine_size
-        idx = (self._rand(b) * self.n).long().clamp_max(self.n - 1)
+        # One draw for every random choice of the batch (photo, scale, window, flip, hole and its
+        # symmetry): few kernel launches, so the host's share per crop stays small.
+        u = torch.rand(b, 9, generator=self.gen, device=self.device)  # (B, 9) uniform [0, 1)
+        idx = (u[:, 0] * self.n).long().clamp_max(self.n - 1)
         h, w = self.hw[idx].unbind(1)
         load = torch.full((b,), float(d.load_size), device=self.device)
         if d.scale_jitter:
-            load = (load * (1 + d.scale_jitter * (2 * self._rand(b) - 1))).round().clamp_min(s)
+            load = (load * (1 + d.scale_jitter * (2 * u[:, 1] - 1))).round().clamp_min(s)
         # crops.resized_dims: the shorter side to `load`, the longer one scaled alike, both >= load
         scale = load / torch.minimum(h, w)
         H, W = torch.maximum(load, (h * scale).round()), torch.maximum(load, (w * scale).round())
-        y, x = (self._rand(b) * (H - s + 1)).floor(), (self._rand(b) * (W - s + 1)).floor()
+        y, x = (u[:, 2] * (H - s + 1)).floor(), (u[:, 3] * (W - s + 1)).floor()
         sy, sx = h / H, w / W  # photo pixels per resized pixel
         boxes = torch.stack([idx.to(torch.float32), x * sx, y * sy, (x + s) * sx, (y + s) * sy], dim=1)  # (B, 5)
         crops = roi_align(self.photos, boxes.to(self.photos.dtype), output_size=s, sampling_ratio=0, aligned=True)
         crops = crops.float()  # (B, 3, S, S) 0..255
         if d.flip:
-            crops = torch.where((self._rand(b) < 0.5)[:, None, None, None], crops.flip(-1), crops)
+            crops = torch.where((u[:, 4] < 0.5)[:, None, None, None], crops.flip(-1), crops)
         images = crops.round_().clamp_(0, 255).mul_(2.0 / 255.0).sub_(1.0)  # as crops.to_unit of uint8 pixels
-        return images, self._holes(b)
+        return images, self._holes(u[:, 5:])
 
-    def _holes(self, b: int) -> torch.Tensor:
-        k = (self._rand(b) * len(self.bank)).long().clamp_max(len(self.bank) - 1)
+    def _holes(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, 4) uniform draws -> (B, 1, S, S) holes: a bank hole under one of the 8 symmetries."""
+        k = (u[:, 0] * len(self.bank)).long().clamp_max(len(self.bank) - 1)
         holes = self.bank[k]  # (B, 1, S, S)
         if len(self.bank) > 1:  # the 8 symmetries of the square: transpose, then flips
-            t = self._rand(b)[:, None, None, None]
-            holes = torch.where(t < 0.5, holes.transpose(-1, -2), holes)
-            holes = torch.where(self._rand(b)[:, None, None, None] < 0.5, holes.flip(-1), holes)
-            holes = torch.where(self._rand(b)[:, None, None, None] < 0.5, holes.flip(-2), holes)
+            sym = (u[:, 1:] < 0.5)[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+            holes = torch.where(sym[:, 0], holes.transpose(-1, -2), holes)
+            holes = torch.where(sym[:, 1], holes.flip(-1), holes)
+            holes = torch.where(sym[:, 2], holes.flip(-2), holes)
         return holes.float()
 
 

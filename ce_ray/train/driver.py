@@ -226,11 +226,13 @@ def build_trainer(
     tracking_run: tracking.RunHandle | None = None,
     placement_strategy: str = "PACK",
     hook: WorkerHook | None = None,
+    datasets: dict[str, Dataset] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for `cfg` (paths already absolute: see resolve_paths). The run's identity is
     (storage_path, run_name): fit() on an existing one resumes it from its latest checkpoint.
     `placement_strategy` ("PACK", "SPREAD", "STRICT_SPREAD") places the workers' bundles;
-    `hook` is called in every worker (WorkerHook: tests)."""
+    `hook` is called in every worker (WorkerHook: tests); `datasets`: built already (train()
+    builds them while the MLflow run is created), else built here."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -270,7 +272,7 @@ def build_trainer(
         run_config=run_config,
         # NCCL needs GPUs; gloo runs DDP on CPUs (and is what TorchConfig picks without GPUs).
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        datasets=_build_datasets(cfg),  # type: ignore[arg-type]  # ray: an invariant dict of Dataset | factory
+        datasets=datasets or _build_datasets(cfg),  # type: ignore[arg-type]  # ray: an invariant dict of Dataset | factory
         dataset_config=data.data_config(),
     )
 
@@ -288,9 +290,6 @@ def _build_datasets(cfg: C.Config) -> dict[str, Dataset]:
     enabled = ctx.enable_progress_bars
     ctx.enable_progress_bars = False
     try:
-        # with_keys: the keyless variant ends in a drop_columns step that runs as its own task
-        # asking a whole CPU (it cannot fuse past the val cap), which never schedules when the
-        # workers hold part of every node's CPUs; rank 0 just ignores the key column.
         train = data.build_photo_dataset(cfg) if cfg.data.device_crops else data.build_train_dataset(cfg)
         datasets = {"train": train}
     finally:
@@ -393,14 +392,16 @@ def train(
             from ce_ray.data import stream as data
 
             data.check_cpu_budget(cfg)
+            # Datasets copy the DataContext when they are made: quiet it before. They are built
+            # (and, with data.cache, decoded once) here, while the MLflow run is still being made.
+            cluster.quiet_data_context(progress_to_logs=True)
+            datasets = _build_datasets(cfg)
         except BaseException:
             _discard(pending)
             raise
         handle = pending.result()
     import ray.train
 
-    # The DataContext is copied when the trainer is constructed: quiet it before.
-    cluster.quiet_data_context(progress_to_logs=True)
     cbs = list(callbacks)
     metrics_file = None
     if not is_uri(path):
@@ -409,7 +410,13 @@ def train(
         cbs.insert(0, _metrics_log_callback(metrics_file))
     try:
         trainer = build_trainer(
-            cfg, run_name=name, callbacks=cbs, tracking_run=handle, placement_strategy=placement_strategy, hook=hook
+            cfg,
+            run_name=name,
+            callbacks=cbs,
+            tracking_run=handle,
+            placement_strategy=placement_strategy,
+            hook=hook,
+            datasets=datasets,
         )
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
