@@ -52,19 +52,20 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # model URIs that resolve through MLflow
 WARN_EVERY_S = 60.0  # best-effort writes warn at most this often
 # MLflow's own HTTP defaults (7 retries, backoff factor 2 with jitter, 120 s timeout) hold a call to
-# a server that is gone for minutes. Rank 0's per-step writes try twice, at once, and wait at most
-# 10 s for an answer: what they could not send is kept and sent later (mlflow_run.MlflowTracker).
+# a server that is gone for minutes. Rank 0's per-step writes make one attempt and wait at most 5 s
+# for an answer: its queue is the retry (what it could not send is kept and sent later:
+# mlflow_run.MlflowTracker).
 BEST_EFFORT_HTTP = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1,
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 0,
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 0,
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": 10,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": 5,
 }
-# The end of a run (final checkpoint, registered model, run status) waits a little longer (retries
-# after 2 and 4 s; a minute for an answer: the model upload is the largest request) and then
+# The end of a run (final checkpoint, registered model, run status) tries three times (at once,
+# then after 2 s) and waits a minute for an answer (the model upload is the largest request), then
 # says which command records it later.
 FINAL_HTTP = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 3,
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2,
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1,
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 0,
     "MLFLOW_HTTP_REQUEST_TIMEOUT": 60,

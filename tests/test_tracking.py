@@ -158,11 +158,11 @@ def test_bounded_http_lowers_mlflow_retries_for_a_block_only(monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")  # lower than the bound: the user's stays
     with tracking.bounded_http(tracking.BEST_EFFORT_HTTP):
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
         with tracking.bounded_http(tracking.FINAL_HTTP):  # nested (re-entrant lock): never raised
-            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
 

@@ -134,7 +134,11 @@ def register_generator(handle: RunHandle, ckpt_dir: str | os.PathLike[str], cfg:
 
 MAX_PENDING_POINTS = 20_000  # metric points kept while the store is away (~20 a log step); the oldest go first
 MAX_PENDING_FILES = 16  # picture grids kept (copies in a temporary folder) while the store is away
-RETRY_AFTER_S = 10.0  # while the store is away, the next (bounded) try is at least this much later
+# While the store is away the next (bounded) try waits RETRY_AFTER_S, then twice that after each
+# failed try, up to MAX_RETRY_AFTER_S: a server that accepts connections but never answers costs
+# one 5 s timeout per try, a shrinking share of the training time.
+RETRY_AFTER_S = 10.0
+MAX_RETRY_AFTER_S = 300.0
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
 
 
@@ -155,7 +159,7 @@ class MlflowTracker:
     A store that is away must neither end nor stall training: every call is bounded
     (tracking.BEST_EFFORT_HTTP), what it could not send is kept (at most MAX_PENDING_POINTS metric
     points and MAX_PENDING_FILES pictures) and sent, oldest first, by the next call that gets
-    through, at most every RETRY_AFTER_S while the store stays away, and by close() at the end.
+    through (tries while the store stays away: RETRY_AFTER_S apart, doubling), and by close().
     close() names what never got through and the command that logs it from the run folder."""
 
     def __init__(
@@ -164,6 +168,7 @@ class MlflowTracker:
         self.handle = handle
         self.client = _client(handle.tracking_uri)
         self.retry_after_s = RETRY_AFTER_S if retry_after_s is None else retry_after_s
+        self._wait = self.retry_after_s
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self._warn = RateLimitedWarning()
         self._points: deque[Metric] = deque()
@@ -243,7 +248,8 @@ class MlflowTracker:
                     f"warning: MLflow at {self.handle.tracking_uri} does not answer ({type(e).__name__}: "
                     f"{str(e)[:200]}); training goes on and keeps its metrics and pictures to send when it answers"
                 )
-            self._next_try = time.monotonic() + self.retry_after_s
+            self._next_try = time.monotonic() + self._wait
+            self._wait = min(2 * self._wait, MAX_RETRY_AFTER_S)
             return False
         if self._down_since is not None:
             self._log(
@@ -252,6 +258,7 @@ class MlflowTracker:
                 f"{sent_files} picture(s) kept meanwhile"
             )
             self._down_since = None
+            self._wait = self.retry_after_s
         return True
 
     def close(self) -> None:
