@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -49,6 +51,26 @@ TAG_RUN_NAME = "ce_ray.run_name"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # model URIs that resolve through MLflow
 WARN_EVERY_S = 60.0  # best-effort writes warn at most this often
+# MLflow's own HTTP defaults (7 retries, backoff factor 2 with jitter, 120 s timeout) hold a call to
+# a server that is gone for minutes. Rank 0's per-step writes make one attempt and wait at most 5 s
+# for an answer: its queue is the retry (what it could not send is kept and sent later:
+# mlflow_run.MlflowTracker).
+BEST_EFFORT_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 0,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 0,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": 5,
+}
+# The end of a run (final checkpoint, registered model, run status) tries three times (at once,
+# then after 2 s) and waits a minute for an answer (the model upload is the largest request), then
+# says which command records it later.
+FINAL_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 0,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": 60,
+}
+_HTTP_ENV_LOCK = threading.RLock()  # re-entrant: a bounded call may make another
 
 
 # --- Where things go -----------------------------------------------------------------------------
@@ -108,11 +130,12 @@ def ui_command(uri: str) -> str:
 @dataclass(frozen=True)
 class RunHandle:
     """What a worker needs to write into the driver's MLflow run (plain strings: it travels in
-    train_loop_config)."""
+    train_loop_config). `run_path`: the training run's folder, which `sync_command` names."""
 
     tracking_uri: str
     experiment_id: str
     run_id: str
+    run_path: str = ""
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -140,6 +163,37 @@ def using(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+@contextlib.contextmanager
+def bounded_http(limits: dict[str, int] = BEST_EFFORT_HTTP) -> Iterator[None]:
+    """MLflow's HTTP retries, backoff and timeout at most `limits` for a block (a lower value the
+    user exported stays). MLflow reads these variables at every request; they are process-wide,
+    so the block holds a lock: ce-ray's bounded calls never interleave their settings."""
+    with _HTTP_ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in limits}
+        for k, limit in limits.items():
+            try:
+                lower = saved[k] is not None and float(saved[k] or "") <= limit
+            except ValueError:
+                lower = False
+            if not lower:
+                os.environ[k] = str(limit)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def sync_command(handle: RunHandle) -> str:
+    """The one command that logs what a run's folder has and its MLflow run lacks (metrics,
+    pictures, the registered generator): mlflow_run.sync_run."""
+    folder = handle.run_path or "<run folder>"
+    return f"ce-ray train --sync-mlflow {shlex.quote(folder)} mlflow.tracking_uri={shlex.quote(handle.tracking_uri)}"
 
 
 def _client(uri: str | None) -> MlflowClient:
@@ -291,9 +345,9 @@ def start_run(cfg: C.Config, *, run_name: str, run_path: str, resume: bool) -> R
             old = run.data.params
             store.set_tags(run.info.run_id, {f"resumed.{k}": v for k, v in params.items() if k in old and old[k] != v})
             store.log_params(run.info.run_id, {k: v for k, v in params.items() if k not in old})
-            return RunHandle(uri, exp_id, run.info.run_id)
+            return RunHandle(uri, exp_id, run.info.run_id, run_path)
     run_id = store.create_run(exp_id, run_name, tags={TAG_RUN_PATH: run_path, TAG_RUN_NAME: run_name}, params=params)
-    return RunHandle(uri, exp_id, run_id)
+    return RunHandle(uri, exp_id, run_id, run_path)
 
 
 def start_sweep_run(cfg: C.Config, *, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> RunHandle:
@@ -305,11 +359,12 @@ def start_sweep_run(cfg: C.Config, *, run_name: str, tags: dict[str, str], param
 
 
 def end_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
-    """Mark the run FINISHED / FAILED / KILLED (best effort: never hides the real error)."""
+    """Mark the run FINISHED / FAILED / KILLED (best effort, bounded: never hides the real error)."""
     if handle is None:
         return
     try:
-        _client(handle.tracking_uri).set_terminated(handle.run_id, status=status)
+        with bounded_http(FINAL_HTTP):
+            _client(handle.tracking_uri).set_terminated(handle.run_id, status=status)
     except Exception as e:  # the store being unreachable must not mask why training ended
         print(f"warning: could not mark MLflow run {handle.run_id} {status}: {e}", file=sys.stderr)
 
@@ -326,7 +381,8 @@ def artifact_dir(handle: RunHandle) -> str:
 
 def log_checkpoint(handle: RunHandle, ckpt_dir: str | os.PathLike[str]) -> None:
     """The final checkpoint (weights, optimiser states, RNG, config) as run artifacts under checkpoint/."""
-    _client(handle.tracking_uri).log_artifacts(handle.run_id, str(ckpt_dir), artifact_path="checkpoint")
+    with bounded_http(FINAL_HTTP):
+        _client(handle.tracking_uri).log_artifacts(handle.run_id, str(ckpt_dir), artifact_path="checkpoint")
 
 
 def is_mlflow_uri(uri: str) -> bool:

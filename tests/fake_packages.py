@@ -156,3 +156,75 @@ def pzl(picture: Image.Image, box: tuple[int, int, int, int], texture: int = 64)
         f"image {x} {y} {w} {h} 1 1    \nfake-t.jpg\n{len(pieces)}\n"
     ).encode()
     return header + pieces + b"\n" + encode(canvas)
+
+
+def pypi_wheel(name: str, version: str, files: dict[str, bytes]) -> tuple[str, bytes]:
+    """(file name, bytes) of a wheel pip accepts: `files` plus the .dist-info METADATA, WHEEL and
+    RECORD that `pip download` reads."""
+    stem = f"{name.replace('-', '_')}-{version}"
+    info = f"{stem}.dist-info"
+    meta = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: fake\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{p},,\n" for p in [*files, *meta]) + f"{info}/RECORD,,\n"
+    return f"{stem}-py3-none-any.whl", wheel({**files, **meta, f"{info}/RECORD": record.encode()})
+
+
+class FakePyPI:
+    """A PEP 503 "simple" index on 127.0.0.1 serving wheels, for `pip download` (PIP_INDEX_URL).
+    `refuse`: file names answered with an HTTP error status; `serve`: file name -> the bytes sent
+    instead of the wheel (e.g. a truncated copy; the index's #sha256= stays that of the wheel, as
+    PyPI's does when a transfer or a mirror's copy is cut short). Every requested path is recorded in `requests`."""
+
+    def __init__(self, wheels: dict[str, bytes]):
+        import http.server
+        import threading
+
+        self.wheels = dict(wheels)
+        self.refuse: dict[str, int] = {}
+        self.serve: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        index = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _send(self, code: int, body: bytes, kind: str = "text/html") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                import hashlib
+
+                index.requests.append(self.path)
+                parts = [p for p in self.path.split("?")[0].split("/") if p]
+                if len(parts) == 2 and parts[0] == "simple":
+                    project = parts[1]
+                    links = [
+                        f'<a href="/files/{f}#sha256={hashlib.sha256(b).hexdigest()}">{f}</a>'
+                        for f, b in index.wheels.items()
+                        if f.split("-")[0].lower().replace("_", "-") == project
+                    ]
+                    if not links:
+                        return self._send(404, b"not found")
+                    return self._send(200, f"<html><body>{''.join(links)}</body></html>".encode())
+                if len(parts) == 2 and parts[0] == "files" and parts[1] in index.wheels:
+                    f = parts[1]
+                    if f in index.refuse:
+                        return self._send(index.refuse[f], b"refused")
+                    return self._send(200, index.serve.get(f, index.wheels[f]), "application/octet-stream")
+                self._send(404, b"not found")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

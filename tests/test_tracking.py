@@ -112,20 +112,59 @@ def test_run_params_metrics_artifacts_and_resume(cfg, tmp_path):
     assert client.get_run(h.run_id).info.status == "FINISHED"
 
 
-def test_tracker_survives_an_unreachable_store(capsys):
-    # A tracking-store hiccup must not kill training: warn and go on.
-    t = mlflow_run.MlflowTracker(tracking.RunHandle("http://127.0.0.1:9", "0", "nope"))
-    t.client = type(
-        "Broken",
-        (),
-        {
-            "log_batch": lambda *a, **k: (_ for _ in ()).throw(OSError("down")),
-            "log_artifact": lambda *a, **k: (_ for _ in ()).throw(OSError("down")),
-        },
-    )()
+def test_tracker_survives_an_unreachable_store(capsys, tmp_path):
+    # A tracking-store hiccup must not kill training: keep what could not be sent, send it with
+    # the next call that gets through, and at close() name what never did and how to log it.
+    from mlflow.exceptions import MlflowException
+
+    t = mlflow_run.MlflowTracker(tracking.RunHandle("http://127.0.0.1:9", "0", "nope", "/runs/r1"), retry_after_s=0.0)
+    sent: list = []
+    state = {"down": True}
+
+    def log_batch(run_id, metrics):
+        if state["down"]:
+            raise OSError("down")
+        if any(m.key == "bad" for m in metrics):
+            raise MlflowException("refused", error_code="INVALID_PARAMETER_VALUE")  # a 400: never sent again
+        sent.extend((m.key, m.step) for m in metrics)
+
+    def log_artifact(run_id, path, artifact_path=None):
+        if state["down"]:
+            raise OSError("down")
+        sent.append((artifact_path, Path(path).name, Path(path).read_bytes()))
+
+    t.client = type("Flaky", (), {"log_batch": staticmethod(log_batch), "log_artifact": staticmethod(log_artifact)})()
     t.log_metrics({"a": 1.0}, 1)
-    t.log_artifact(Path("/nonexistent.png"), "samples")
-    assert "MLflow log_metrics failed" in capsys.readouterr().err
+    png = tmp_path / "samples_step0000001.png"
+    png.write_bytes(b"grid")
+    t.log_artifact(png, "samples")
+    png.unlink()  # the loop deletes its picture once log_artifact returns: the tracker kept a copy
+    t.log_artifact(Path("/nonexistent.png"), "samples")  # cannot even be copied: named, not kept
+    assert sent == [] and "does not answer (OSError: down)" in capsys.readouterr().err
+    state["down"] = False
+    t.log_metrics({"a": 2.0}, 2)
+    assert sent == [("a", 1), ("a", 2), ("samples", "samples_step0000001.png", b"grid")]
+    assert "answers again" in capsys.readouterr().err
+    t.log_metrics({"bad": 1.0}, 3)
+    state["down"] = True
+    t.log_metrics({"a": 4.0}, 4)
+    t.close()
+    err = capsys.readouterr().err
+    assert "did not take the metrics of 2 step(s) (3, 4) and 1 picture(s) (nonexistent.png)" in err
+    assert "ce-ray train --sync-mlflow /runs/r1 mlflow.tracking_uri=http://127.0.0.1:9" in err
+
+
+def test_bounded_http_lowers_mlflow_retries_for_a_block_only(monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")  # lower than the bound: the user's stays
+    with tracking.bounded_http(tracking.BEST_EFFORT_HTTP):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
+        with tracking.bounded_http(tracking.FINAL_HTTP):  # nested (re-entrant lock): never raised
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
 
 
 def test_registered_generator_resolves_and_loads(cfg, tiny_checkpoint):

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,10 @@ class Package:
     largest_per_folder: bool = False  # several sizes of one wallpaper: keep the largest
     rotations: str | None = None  # KPhotoAlbum index.xml inside the package
     licence_files: tuple[str, ...] = ()  # globs of copyright / licence files inside the package
+    # sha256 of the package file itself. None: trust the client's own check (apt-get verifies the
+    # archive's signed indexes, pip the index's #sha256=); a pin also catches a file that a mirror
+    # or a --from folder holds truncated or altered, which neither client can know is wrong.
+    sha256: str | None = None
 
 
 _DEB_COPYRIGHT = ("usr/share/doc/*/copyright",)
@@ -299,8 +304,29 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     except subprocess.TimeoutExpired:
         raise FetchError(f"{what}: no answer within 30 min") from None
     if p.returncode != 0:
-        lines = [line for line in (p.stderr or p.stdout).splitlines() if line.strip() and "is ignored" not in line]
-        raise FetchError(f"{what} failed: {lines[-1].strip() if lines else f'exit {p.returncode}'}")
+        raise FetchError(f"{what} failed: {_failure(p.stderr or p.stdout, p.returncode)}")
+
+
+def _failure(text: str, code: int) -> str:
+    """The line of a client's error output that says what went wrong: pip's sha256 mismatch in one
+    line, else the first ERROR: (pip) / E: (apt) line, else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "is ignored" not in line]
+    expected = next((line.split()[-1] for line in lines if line.startswith("Expected sha256")), None)
+    got = next((line.split()[-1] for line in lines if line.startswith("Got")), None)
+    if expected and got:
+        return (
+            f"sha256 check failed: the index lists {expected[:16]}..., the downloaded file has {got[:16]}... "
+            "(a truncated or altered download, not kept)"
+        )
+    errors = [line for line in lines if line.startswith(("ERROR:", "E:"))]
+    if errors and errors[0] != "ERROR: Exception:":
+        return errors[0]
+    if not lines:
+        return f"exit {code}"
+    # A traceback (pip crashes this way on an HTTP error it gave up retrying): its last line says
+    # what, e.g. "RetryError: ... too many 500 error responses"; drop the exception's module path.
+    name, sep, rest = lines[-1].partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}{sep}{rest}" if sep and " " not in name else lines[-1]
 
 
 def deb_file_name(name: str, version: str) -> str:
@@ -418,6 +444,33 @@ class Folder:
         target = dest / found[-1].name
         shutil.copyfile(found[-1], target)
         return target
+
+
+def verify(pkg: Package, archive: Path) -> None:
+    """Delete the package file and raise FetchError when its sha256 is not the catalogue's pin."""
+    if pkg.sha256 is None:
+        return
+    h = hashlib.sha256()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != pkg.sha256:
+        size = archive.stat().st_size
+        archive.unlink()
+        raise FetchError(
+            f"{archive.name} ({size} bytes) has sha256 {h.hexdigest()[:16]}..., the catalogue pins "
+            f"{pkg.sha256[:16]}...: a truncated or altered download, not kept"
+        )
+
+
+def retry_command(out: Path, source: str | os.PathLike[str] | None, packages: list[str] | None) -> str:
+    """The command that fetches what is missing (a rerun downloads only that)."""
+    cmd = ["ce-ray", "corpus", "fetch", "--out", str(out)]
+    if source is not None:
+        cmd += ["--from", str(source)]
+    if packages:
+        cmd += ["--packages", ",".join(packages)]
+    return shlex.join(cmd)
 
 
 def version_of(pkg: Package, archive: Path) -> str:
@@ -788,11 +841,16 @@ def fetch(
         downloads = out / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".partial-", dir=downloads))
+        kept_file = None
         try:
             try:  # a file an earlier run downloaded (--keep-downloads, or it stopped before extracting)
                 kept_file = Folder(downloads).download(pkg, work)
+                verify(pkg, kept_file)
                 log(f"{head}: using {kept_file.name} downloaded earlier; extracting ...")
-            except FetchError:
+            except FetchError as e:
+                if kept_file is not None:  # it was there but is not the pinned file: gone, fetch it again
+                    (downloads / kept_file.name).unlink(missing_ok=True)
+                    log(f"{head}: {e}")
                 log(f"{head}: downloading ...")
                 kept_file = registries[pkg.registry].download(pkg, work)
                 downloaded += 1
@@ -800,6 +858,7 @@ def fetch(
                     f"{head}: downloaded {kept_file.name} ({kept_file.stat().st_size / 1e6:.1f} MB, "
                     f"{time.perf_counter() - t0:.1f} s); extracting ..."
                 )
+                verify(pkg, kept_file)
             os.replace(kept_file, downloads / kept_file.name)
             kept_file = downloads / kept_file.name
             files = _archive_files(pkg, kept_file)
@@ -814,6 +873,8 @@ def fetch(
         except FetchError as e:
             log(f"{head}: could not be fetched: {e}")
             status[pkg.name] = {"status": "failed", "version": pkg.version, "error": str(e)}
+            if kept_file is not None and kept_file.parent == downloads:
+                kept_file.unlink(missing_ok=True)  # unreadable: a rerun must download it again, not reuse it
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -865,9 +926,14 @@ def fetch(
             "val_keys": sorted(p["key"] for p in photos if p["split"] == "val"),
         },
     }
+    failed = [n for n, s in status.items() if s["status"] == "failed"]
+    retry = retry_command(out, source, packages)
     if not photos:
-        failed = "; ".join(f"{n}: {s.get('error', '?')}" for n, s in status.items() if s["status"] == "failed")
-        raise UserError(f"no corpus photo could be fetched into {out}: {failed or 'no photos in the chosen packages'}")
+        why = "; ".join(f"{n}: {status[n].get('error', '?')}" for n in failed)
+        raise UserError(
+            f"no corpus photo could be fetched into {out}: {why or 'no photos in the chosen packages'}"
+            + (f". Retry with: {retry}" if failed else "")
+        )
     write_atomic(out / "sources.json", json.dumps(manifest, indent=1) + "\n")
     log("")
     log(f"{'package':<30} {'photos':>6}  status")
@@ -882,7 +948,18 @@ def fetch(
         f"{'downloaded' if downloaded else 'nothing downloaded'}: {downloaded} package(s) in "
         f"{time.perf_counter() - t_all:.0f} s; corpus in {out}"
     )
+    if failed:
+        log(
+            f"MISSING {len(failed)} of {len(chosen)} package(s): "
+            + "; ".join(f"{n} ({status[n]['error']})" for n in failed)
+            + f". Nothing of them was written; the rest is in {out}. Retry (fetches only what is missing): {retry}"
+        )
     return manifest
+
+
+def missing(manifest: dict[str, Any]) -> list[str]:
+    """The packages of a fetch (sources.json) that could not be had."""
+    return [p["name"] for p in manifest["packages"] if p["status"] == "failed"]
 
 
 # Licences whose terms could reach a model trained on the photo (copyleft on derived works,
@@ -930,11 +1007,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"{p.name:<30} {p.registry:<7} {p.version:<16} {p.licence}")
         return 0
     packages = [p.strip() for p in args.packages.split(",") if p.strip()] if args.packages else None
-    fetch(
+    manifest = fetch(
         args.out,
         source=args.source,
         packages=packages,
         keep_downloads=args.keep_downloads,
         log=lambda m: print(m, flush=True),
     )
-    return 0
+    return 1 if missing(manifest) else 0  # scripts must not take a partial corpus for a whole one

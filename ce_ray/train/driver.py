@@ -155,6 +155,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     if cfg.data.device_crops:
         batches = _device_batches(shard, cfg, device, seed=cfg.train.seed + 7919 * rank, start_val=start_val)
 
+    tracker = mlflow_run.worker_tracker(tracking.RunHandle.from_dict(config.get("tracking")), rank)
     env = WorkerEnv(
         train_batches=batches,
         val_data=lambda: val,
@@ -164,10 +165,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         world_size=world_size,
         device=device,
         wrap=wrap,
-        tracker=mlflow_run.worker_tracker(tracking.RunHandle.from_dict(config.get("tracking")), rank),
+        tracker=tracker,
         log=log,
     )
-    last = run(cfg, env)
+    try:
+        last = run(cfg, env)
+    finally:
+        tracker.close()  # what a store that was away still lacks goes now, or is named
     if hook is not None:
         hook.finished(rank, int(last.get("step", restore.step if restore else 0)), [unwrap(m) for m in models])
     return last
@@ -454,7 +458,8 @@ def train(
             tracking.end_run(handle, "FAILED")
             raise UserError(
                 f"training finished (checkpoint: {summary.checkpoint}) but MLflow at {handle.tracking_uri} could not "
-                f"record it: {type(e).__name__}: {e}. Check mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+                f"record it: {type(e).__name__}: {str(e)[:300]}. Once it answers, register the model (and log what it "
+                f"missed) with: {tracking.sync_command(handle)}"
             ) from e
         tracking.end_run(handle, "FINISHED")
         summary.mlflow_tracking_uri, summary.mlflow_run_id = handle.tracking_uri, handle.run_id
@@ -479,9 +484,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local", action="store_true", help="train in this process without Ray (ce_ray.train.local; debugging)"
     )
+    parser.add_argument(
+        "--sync-mlflow",
+        metavar="RUN_DIR",
+        help="no training: log what the finished run folder has and its MLflow run lacks (metrics, pictures, "
+        "the registered model), e.g. after the tracking server was away; KEY=VALUE overrides its config",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.sync_mlflow:
+        mlflow_run.sync_run(args.sync_mlflow, args.overrides)
+        return 0
     cfg = C.load(args.config, args.overrides)
     if args.local:
         from ce_ray.train.local import train_local

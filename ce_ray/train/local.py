@@ -50,6 +50,9 @@ class FolderTracker:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
 
+    def close(self) -> None:
+        pass
+
 
 class BothTrackers:
     """The run folder and MLflow, when mlflow.enabled."""
@@ -64,6 +67,10 @@ class BothTrackers:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         for t in self.trackers:
             t.log_artifact(path, artifact_path)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
 
 
 def device_batches(cfg: Config, device: torch.device, seed: int) -> Callable[[int], Iterator[Batch]]:
@@ -151,7 +158,10 @@ def train_local(
         log=log,
     )
     try:
-        run(cfg, env)
+        try:
+            run(cfg, env)
+        finally:
+            tracker.close()  # what a store that was away still lacks goes now, or is named
     except BaseException:
         tracking.end_run(handle, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
@@ -161,8 +171,16 @@ def train_local(
         )  # cannot happen: the last step always checkpoints
     model_uri = None
     if handle is not None:
-        tracking.log_checkpoint(handle, state["checkpoint"])
-        model_uri = mlflow_run.register_generator(handle, state["checkpoint"], cfg)
+        try:
+            tracking.log_checkpoint(handle, state["checkpoint"])
+            model_uri = mlflow_run.register_generator(handle, state["checkpoint"], cfg)
+        except Exception as e:  # the store went away or refuses the registry: the training itself is safe
+            tracking.end_run(handle, "FAILED")
+            raise UserError(
+                f"training finished (checkpoint: {state['checkpoint']}) but MLflow at {handle.tracking_uri} could "
+                f"not record it: {type(e).__name__}: {str(e)[:300]}. Once it answers, register the model (and log "
+                f"what it missed) with: {tracking.sync_command(handle)}"
+            ) from None
         tracking.end_run(handle, "FINISHED")
     return LocalResult(
         run_dir=run_dir,

