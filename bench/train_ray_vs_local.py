@@ -70,6 +70,14 @@ def run_ray(cfg: C.Config) -> float:
     return steady_img_per_s(s.history, WARMUP)
 
 
+# The attached cluster listens on 127.0.0.1 only. A client given 127.0.0.1 as the address swaps in
+# the machine's outward IP (ray._private.services.resolve_ip_for_localhost), where nothing listens:
+# ray.init then spends 5-20 s failing before it connects, a cost no real `ray job submit` pays (its
+# RAY_ADDRESS names the head's own IP). With Ray's single-machine mode the client keeps 127.0.0.1.
+# Token auth is off: a throwaway cluster, as in the tests.
+ATTACH_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def start_head(work: Path) -> tuple[subprocess.Popen, str]:
     """A running cluster to attach to, as under `ray job submit`: `ray start --head --block` on
     127.0.0.1 (this machine's CPUs, no dashboard, token auth off: a throwaway cluster). Returns the
@@ -80,7 +88,7 @@ def start_head(work: Path) -> tuple[subprocess.Popen, str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **ATTACH_ENV}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -88,18 +96,12 @@ def start_head(work: Path) -> tuple[subprocess.Popen, str]:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
-    import ray
-
+    probe = f"import ray; ray.init(address={address!r}); assert ray.cluster_resources().get('CPU', 0) > 0"
     deadline = time.time() + 120
     while True:  # ready when a client can connect and sees the node's CPUs
-        try:
-            ray.init(address=address, log_to_driver=False)
-            ok = ray.cluster_resources().get("CPU", 0) > 0
-            ray.shutdown()
-            if ok:
-                return proc, address
-        except Exception:
-            ray.shutdown()
+        env_probe = {**env, "RAY_ADDRESS": address}
+        if subprocess.run([sys.executable, "-c", probe], env=env_probe, capture_output=True).returncode == 0:
+            return proc, address
         if time.time() > deadline or proc.poll() is not None:
             proc.terminate()
             raise SystemExit("ray start --head did not come up")
@@ -124,7 +126,7 @@ def first_step_seconds(shards: str, work: Path, address: str | None = None) -> f
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local cluster: a user's first run
     if address:
-        env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")  # as a job under `ray job submit` sees it
+        env.update(RAY_ADDRESS=address, **ATTACH_ENV)  # as a job under `ray job submit` sees it
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = None
