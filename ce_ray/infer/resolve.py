@@ -30,7 +30,7 @@ from ce_ray import config as C
 from ce_ray import tracking
 from ce_ray.core.model import build_generator
 from ce_ray.errors import UserError
-from ce_ray.train.checkpoint import find_checkpoint_dir, load
+from ce_ray.train.checkpoint import find_checkpoint_dir, load, verify
 
 EXPORT_FORMAT = "ce-ray-export/1"  # the sidecar JSON that makes an exported file describe itself
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript"}
@@ -155,6 +155,18 @@ def checkpoint_dir(uri: str, tracking_uri: str | None = None) -> Path:
     if found is None:
         raise UserError(f"no ce-ray checkpoint (meta.json + model.pt) found in {uri!r}")
     return found
+
+
+def check_model(uri: str) -> None:
+    """Fail now, with the message load_generator would give later, when `uri` names a local
+    checkpoint or run folder that is missing or damaged (checkpoint.verify): for commands that load
+    the model elsewhere (Serve's replicas) and must not start anything for a model they cannot
+    load. The shipped model, exported files and MLflow URIs are checked where they load."""
+    from ce_ray.infer import shipped
+
+    if shipped.is_default(uri) or is_exported(uri) or tracking.is_mlflow_uri(uri):
+        return
+    verify(checkpoint_dir(uri))
 
 
 def load_generator(

@@ -828,7 +828,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     connected_here = not ray.is_initialized()
     # --address, else RAY_ADDRESS, else a private local cluster (never another one on this machine
     # by accident). Serve needs no dashboard; its HTTP proxy binds --host (loopback by default).
-    uris = parse_models(args.model, args.models)  # a missing model fails before Ray starts
+    uris = parse_models(args.model, args.models)
+    from ce_ray.infer.resolve import check_model
+
+    for uri in uris:  # a missing or damaged checkpoint fails before Ray starts, not in a replica
+        check_model(uri)
     # So does an exposed host without a key (never printed or logged: only its digest leaves here).
     api_key = resolve_api_key(args.host, args.api_key_file, os.environ.get(API_KEY_ENV), args.insecure_no_auth)
     own_cluster = cluster.connect_ray(args.address, dashboard=False)

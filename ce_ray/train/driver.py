@@ -36,10 +36,11 @@ from ce_ray.errors import UserError
 from ce_ray.fsutil import is_uri
 from ce_ray.train import checkpoint as ckpt_io
 from ce_ray.train import mlflow_run, runs
-from ce_ray.train.checkpoint import METRICS_FILE, checkpoint_dir_name
+from ce_ray.train.checkpoint import METRICS_FILE
 
 if TYPE_CHECKING:
     from ray.data import Dataset
+    from ray.train import Checkpoint as RayCheckpoint
     from ray.train import UserCallback
     from ray.train.torch import TorchTrainer
     from torch import nn
@@ -58,7 +59,7 @@ class WorkerHook(Protocol):
     what weights it ended with (tests/probes.py). Production runs pass none. It travels pickled to
     the workers."""
 
-    def started(self, rank: int, restored_step: int | None) -> None: ...
+    def started(self, rank: int, restored: ckpt_io.Checkpoint | None) -> None: ...
     def finished(self, rank: int, step: int, models: list[nn.Module]) -> None: ...  # models: the bare G and D
 
 
@@ -87,9 +88,29 @@ def _val_in_background(cfg: C.Config) -> tuple[Future[Batch], Callable[[], None]
     return future, start
 
 
+def _upload_fn(run_path: str) -> Callable[[RayCheckpoint, str], RayCheckpoint] | None:
+    """Ray Train's checkpoint upload for a local (or shared) run folder: ckpt_io.copy, so a rank
+    killed mid-upload leaves only a hidden temp folder, never a partial checkpoint_step* folder,
+    and a full disk is a UserError naming the folder and the space needed. Ray's own upload
+    (remote storage, or a run folder this node does not see) copies file by file into place;
+    checkpoint.verify catches a folder it left incomplete."""
+    import ray.train
+
+    if is_uri(run_path) or not os.path.isdir(run_path):
+        return None
+
+    def upload(checkpoint: RayCheckpoint, dir_name: str) -> RayCheckpoint:
+        dest = ckpt_io.copy(checkpoint.path, os.path.join(run_path, dir_name))
+        return ray.train.Checkpoint.from_directory(str(dest))
+
+    return upload
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Runs on every Ray Train worker. `config` = train_loop_config from build_trainer:
-    {"config": Config as a dict, "tracking": RunHandle as a dict or None, "hook": WorkerHook or None}."""
+    {"config": Config as a dict, "tracking": RunHandle as a dict or None, "hook": WorkerHook or None,
+    "run_path": the run folder, "restore_instead": the checkpoint to restore when Ray's latest is
+    damaged (runs.RunPlan.damaged) or None}."""
     import ray.train
     import ray.train.torch
     import torch
@@ -110,12 +131,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))
 
     restore = None
+    run_path: str = config["run_path"]
+    instead: str | None = config.get("restore_instead")
     ray_ckpt = ray.train.get_checkpoint()  # set on every rank after a failure or a --resume
     if ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
-            restore = ckpt_io.load(d, map_location="cpu")  # reads everything into memory
+            try:
+                restore = ckpt_io.load(d, map_location="cpu")  # reads everything into memory
+            except ckpt_io.DamagedCheckpointError:
+                if instead is None:  # damaged since the driver checked it, or remote: nothing to fall back on
+                    raise
+        if restore is None and instead is not None:
+            restore = ckpt_io.load(instead, map_location="cpu")  # the driver said so, with a warning
     if hook is not None:
-        hook.started(rank, restore.step if restore else None)
+        hook.started(rank, restore)
 
     shard = ray.train.get_dataset_shard("train")
     models: list[nn.Module] = []
@@ -128,16 +157,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         return m
 
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
-        checkpoint, name = None, None
+        checkpoint, name, upload = None, None, None
         if ckpt_dir is not None:
             # loop.run validates at every checkpoint step; should val ever be missing, rank the
             # checkpoint last instead of letting CheckpointConfig fail on the missing score.
             metrics = metrics if VAL_SCORE in metrics else {**metrics, VAL_SCORE: float("inf")}
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-            name = checkpoint_dir_name(int(metrics["step"]))
+            name = ckpt_io.free_checkpoint_name(run_path, int(metrics["step"]))
+            upload = _upload_fn(run_path)
         # A barrier: every rank calls it at the same steps; only rank 0 passes a checkpoint (and
         # only rank 0's name and metrics count). Upload is synchronous, so ckpt_dir may go after.
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_fn=upload)
 
     def log(line: str) -> None:
         if rank == 0:
@@ -231,16 +261,19 @@ def build_trainer(
     placement_strategy: str = "PACK",
     hook: WorkerHook | None = None,
     datasets: dict[str, Dataset] | None = None,
+    restore_instead: str | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for `cfg` (paths already absolute: see resolve_paths). The run's identity is
     (storage_path, run_name): fit() on an existing one resumes it from its latest checkpoint.
     `placement_strategy` ("PACK", "SPREAD", "STRICT_SPREAD") places the workers' bundles;
     `hook` is called in every worker (WorkerHook: tests); `datasets`: built already (train()
-    builds them while the MLflow run is created), else built here."""
+    builds them while the MLflow run is created), else built here; `restore_instead` is the
+    checkpoint the workers restore when Ray's latest one is damaged (runs.RunPlan.damaged)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scale
+    storage = storage_path or s.storage_path
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
@@ -254,7 +287,7 @@ def build_trainer(
     # RunConfig has no logging_config and whose TorchTrainer wants a function returning None.
     run_config = ray.train.RunConfig(  # type: ignore[call-arg]
         name=run_name,
-        storage_path=storage_path or s.storage_path,
+        storage_path=storage,
         failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
         # num_to_keep best by val_l2, plus the latest (Ray always keeps the latest too).
         checkpoint_config=ray.train.CheckpointConfig(
@@ -271,6 +304,8 @@ def build_trainer(
             "config": C.to_dict(cfg),
             "tracking": tracking_run.to_dict() if tracking_run else None,
             "hook": hook,
+            "run_path": f"{storage.rstrip('/')}/{run_name}",
+            "restore_instead": restore_instead,
         },
         scaling_config=scaling,
         run_config=run_config,
@@ -386,7 +421,11 @@ def train(
     cfg = runs.resolve_paths(cfg)
     plan = runs.plan_run(cfg, run_name, resume, workers=cfg.scale.num_workers, latest_of=_latest_checkpoint)
     name, path = plan.name, plan.path
-    log(runs.describe(plan))
+    for line in runs.describe_lines(plan):
+        log(line)
+    if resume and not is_uri(path):  # no worker writes into the run folder before fit()
+        for p in ckpt_io.remove_partial_writes(path):
+            log(f"removed {p.name}: a checkpoint write that was cut off")
     # The MLflow run (import, schema creation on a fresh database, experiment, params: seconds)
     # is prepared while Ray starts: both sit before the first step.
     with ThreadPoolExecutor(1, thread_name_prefix="ce-ray-mlflow") as pool:
@@ -421,6 +460,7 @@ def train(
             placement_strategy=placement_strategy,
             hook=hook,
             datasets=datasets,
+            restore_instead=plan.latest if plan.damaged else None,
         )
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:

@@ -30,7 +30,6 @@ from ce_ray import tracking
 from ce_ray.config import Config
 from ce_ray.core.step import resolve_device
 from ce_ray.errors import UserError
-from ce_ray.fsutil import copy_dir
 from ce_ray.train import checkpoint as ckpt_io
 from ce_ray.train import mlflow_run, runs
 from ce_ray.train.loop import Batch, Tracker, WorkerEnv, run
@@ -118,7 +117,11 @@ def train_local(
     plan = runs.plan_run(cfg, run_name, resume, workers=1)
     run_dir = Path(plan.path)
     restore = ckpt_io.load(plan.latest) if plan.latest else None
-    log(runs.describe(plan))
+    for line in runs.describe_lines(plan):
+        log(line)
+    if resume:
+        for p in ckpt_io.remove_partial_writes(run_dir):  # one process writes a --local run: this one
+            log(f"removed {p.name}: a checkpoint write that was cut off")
     handle = (
         tracking.start_run(cfg, run_name=plan.name, run_path=plan.path, resume=resume) if cfg.mlflow.enabled else None
     )
@@ -133,7 +136,9 @@ def train_local(
     def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
         record: dict[str, float | str] = dict(metrics)
         if ckpt_dir is not None:
-            dest = copy_dir(ckpt_dir, run_dir / ckpt_io.checkpoint_dir_name(int(metrics["step"])))
+            # meta.json last, renamed into place; a full disk is a UserError and the run's
+            # earlier checkpoints stay as they were.
+            dest = ckpt_io.copy(ckpt_dir, run_dir / ckpt_io.checkpoint_dir_name(int(metrics["step"])))
             state["checkpoint"] = dest
             record["checkpoint"] = dest.name  # as Ray Train's metrics.jsonl names it
             for old in ckpt_io.run_checkpoints(run_dir)[: -cfg.scale.checkpoints_to_keep]:

@@ -90,12 +90,7 @@ def _signature(cfg: C.Config) -> ModelSignature:
 
 def export_generator_checkpoint(ckpt_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """meta.json + model.pt of a checkpoint (no optimiser or RNG state): what inference needs."""
-    src, dest = Path(ckpt_dir), Path(dest)
-    ckpt_io.read_meta(src)  # a clear error if it is not a checkpoint
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (ckpt_io.META_FILE, ckpt_io.MODEL_FILE):
-        shutil.copyfile(src / f, dest / f)
-    return dest
+    return ckpt_io.copy_weights(ckpt_dir, dest)
 
 
 def register_generator(handle: RunHandle, ckpt_dir: str | os.PathLike[str], cfg: C.Config) -> str:

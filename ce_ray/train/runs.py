@@ -52,10 +52,15 @@ class RunPlan:
     path: str
     resume: bool
     latest: str | None  # the checkpoint folder a resumed run restores
+    # The run's newest checkpoint when it is damaged and `latest` is the newest intact one before
+    # it (the Ray workers get it from Ray's record and must restore `latest` instead); else None.
+    damaged: str | None = None
+    warnings: tuple[str, ...] = ()  # lines for the user: each damaged checkpoint skipped
 
 
 def latest_in_folder(path: str) -> str | None:
-    """The newest checkpoint of a local run folder (either run layout), or None."""
+    """The newest checkpoint folder of a local run folder (either run layout), or None; plan_run
+    checks it is intact."""
     found = ckpt_io.run_checkpoints(path) if not is_uri(path) else []
     return str(found[-1]) if found else None
 
@@ -87,12 +92,27 @@ def plan_run(
             f"nothing to resume: no run {name!r} in {cfg.scale.storage_path} (check --run-name and scale.storage_path)"
         )
     latest = latest_of(path) if resume else None
+    damaged, warnings = None, []
+    if latest is not None and not is_uri(latest):
+        try:
+            ckpt_io.verify(latest)
+        except ckpt_io.DamagedCheckpointError as e:
+            damaged = latest
+            warnings.append(f"warning: {e.summary}; skipping it")
+            intact = ckpt_io.latest_intact(path, skip=lambda p: str(p) == damaged, warn=warnings.append)
+            if intact is None:
+                raise UserError(
+                    f"run {name!r} has no intact checkpoint to resume from ({e.summary}); "
+                    "start a fresh run (no --resume, or another --run-name)"
+                ) from None
+            latest = str(intact)
+            warnings.append(f"warning: continuing from the newest intact checkpoint, {intact.name}")
     if latest is not None:
         check_resumable(cfg, name, latest)
     check_enough_data(cfg, workers)
     if cfg.mlflow.enabled:
         tracking.tracking_uri(cfg)  # a bad URI fails now, not after start-up
-    return RunPlan(name=name, path=path, resume=resume, latest=latest)
+    return RunPlan(name=name, path=path, resume=resume, latest=latest, damaged=damaged, warnings=tuple(warnings))
 
 
 def check_resumable(cfg: C.Config, name: str, ckpt_path: str) -> None:
@@ -156,6 +176,12 @@ def val_set(cfg: C.Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def describe(plan: RunPlan) -> str:
+    """What the run starts from, one line; after the plan's warnings (describe_lines)."""
     return f"{'resuming' if plan.resume else 'starting'} run {plan.name} in {plan.path}" + (
         f" from {os.path.basename(plan.latest)}" if plan.latest else ""
     )
+
+
+def describe_lines(plan: RunPlan) -> list[str]:
+    """The lines a driver prints before it starts: each damaged checkpoint it skips, then describe."""
+    return [*plan.warnings, describe(plan)]

@@ -1,5 +1,6 @@
 """Checkpoint directories: bit-identical round trip, optimiser/RNG state, safety, atomicity."""
 
+import hashlib
 import json
 import pickle
 import random
@@ -91,7 +92,12 @@ def test_refuses_pickled_code(tmp_path):
 
     with open(path / "model.pt", "wb") as f:
         pickle.dump({"G": Evil()}, f)
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    # Even with meta.json's size and sha256 rewritten to match the file, torch.load refuses it.
+    meta = json.loads((path / "meta.json").read_text())
+    data = (path / "model.pt").read_bytes()
+    meta["files"]["model.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="model.pt cannot be read by torch.load"):
         ck.load(path)
 
 
