@@ -317,7 +317,7 @@ def main() -> None:
             key = "ray" if design == "off" else "ray_cached"
             ray_epoch(ds, cfg)
             c0 = tree_cpu_seconds(me)
-            n, secs, first, per_crop = ray_epoch(ds, cfg)
+            n, secs, first, crop_bytes = ray_epoch(ds, cfg)
             ray_cpu = tree_cpu_seconds(me) - c0  # driver, raylet, GCS and every Ray worker: all below us
             print(f"{key}_img_per_s={n / secs:.1f}")
             print(f"{key}_first_batch_s={first:.2f}")
@@ -368,8 +368,9 @@ def main() -> None:
             print(f"{key}_cpu_s_per_crop={1 / pc:.6f}")
             print(f"{key}_vs_loader_per_core={pc / loader_pc:.3f}")
         s_ = cfg.data.fine_size
-        print(f"bytes_per_crop={per_crop}")
-        print(f"bytes_per_crop_float32_form={3 * s_ * s_ * 4 + s_ * s_ * 4}")
+        if ray_pc.keys() - {"device"}:  # what a crop costs as Ray Data delivers it
+            print(f"bytes_per_crop={crop_bytes}")
+            print(f"bytes_per_crop_float32_form={3 * s_ * s_ * 4 + s_ * s_ * 4}")
         print(f"data_repeat={cfg.data.repeat}")
         gpu = args.gpu_img_per_s
         source = "measured (--gpu-img-per-s)"

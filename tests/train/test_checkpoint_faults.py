@@ -294,7 +294,9 @@ def test_ray_resume_skips_a_truncated_latest_checkpoint(killed_ray_run):
     probe_dir = killed_ray_run["root"] / "probes2"
     probe_dir.mkdir()
     lines: list[str] = []
-    more = C.replace(cfg, train={"steps": 15})
+    # Keep every checkpoint: with Ray's default retention (latest + best by val_l2) the rewritten
+    # step-10 folder is evicted whenever another checkpoint happens to score better.
+    more = C.replace(cfg, train={"steps": 15}, scale={"checkpoints_to_keep": 10})
     r = T.train(more, run_name="kill-write", resume=True, hook=ProbeHook(probe_dir), log=lines.append)
     assert lines[0] == (
         f"warning: checkpoint '{latest}' is damaged: model.pt is {now:,} bytes but meta.json records {was:,} "
