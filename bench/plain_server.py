@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(model: str, max_batch_size: int, batch_wait_ms: float, threads: int):
     import torch
 
+    from ce_ray.data.images import decode_rgb, encode_png
     from ce_ray.errors import InpaintError
-    from ce_ray.infer.planner import encode_png, image_rgb, inpaint_many, plan, read_image
+    from ce_ray.infer.planner import inpaint_many, plan
     from ce_ray.infer.resolve import load_generator
 
     torch.set_num_threads(threads)
@@ -68,7 +69,7 @@ def build(model: str, max_batch_size: int, batch_wait_ms: float, threads: int):
         form = await request.form()
         data = await form["image"].read()
         try:
-            p = plan(loaded, image_rgb(read_image(data)))
+            p = plan(loaded, decode_rgb(data))
         except InpaintError as e:
             return JSONResponse({"error": e.code, "detail": str(e)}, status_code=400)
         fut = asyncio.get_running_loop().create_future()
