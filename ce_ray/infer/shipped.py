@@ -14,7 +14,6 @@ folder from a training checkpoint (atomically). Pure torch; no Ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import torch
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
+from ce_ray.fsutil import file_sha256
 
 DEFAULT_MODEL = "default"  # the name every --model flag defaults to
 SHIPPED_DIR = Path(__file__).parent / "weights" / "freeform"
@@ -35,14 +35,6 @@ MAX_BYTES = 25 * 2**20  # the package's budget for the weights
 
 def is_default(uri: str | None) -> bool:
     return uri is None or uri == DEFAULT_MODEL
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_meta(folder: Path = SHIPPED_DIR) -> dict[str, Any]:
@@ -68,7 +60,7 @@ def load(
 
     meta = read_meta(folder)
     weights = folder / WEIGHTS_FILE
-    if verify and (not weights.is_file() or sha256(weights) != meta["sha256"]):
+    if verify and (not weights.is_file() or file_sha256(weights) != meta["sha256"]):
         raise UserError(
             f"the shipped weights {weights} are missing or corrupted (sha256 differs from {META_FILE}); "
             "reinstall ce-ray"
@@ -130,7 +122,7 @@ def package(
             "commit": commit or _commit(),
             "command": command,
             "source_checkpoint": str(ckpt.path),
-            "sha256": sha256(tmp / WEIGHTS_FILE),
+            "sha256": file_sha256(tmp / WEIGHTS_FILE),
             "bytes": size,
             "dtype": "float16",
             "metrics": metrics,

@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from ce_ray import config as C
 from ce_ray.errors import UserError
-from ce_ray.fsutil import exists, write_dir
+from ce_ray.fsutil import exists, file_sha256, write_dir
 
 FORMAT_VERSION = 1
 META_FILE, MODEL_FILE, OPTIM_FILE, RNG_FILE = "meta.json", "model.pt", "optim.pt", "rng.pt"
@@ -253,14 +253,6 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(path: str | os.PathLike[str], *, hashes: bool = True) -> dict[str, Any]:
     """meta.json of the intact checkpoint folder `path`; DamagedCheckpointError naming the file and
     what is wrong otherwise: every file meta.json lists must be there with its recorded size and,
@@ -278,7 +270,7 @@ def verify(path: str | os.PathLike[str], *, hashes: bool = True) -> dict[str, An
                 name,
                 f"is {size:,} bytes but meta.json records {rec['bytes']:,} (truncated: cut off while written or since)",
             )
-        if hashes and _sha256(f) != rec["sha256"]:
+        if hashes and file_sha256(f) != rec["sha256"]:
             raise DamagedCheckpointError(p, name, "does not match the sha256 meta.json records (the file was altered)")
     return meta
 

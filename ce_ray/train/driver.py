@@ -212,19 +212,11 @@ def _device_batches(
 ) -> Callable[[int], Iterator[Batch]]:
     """data.device_crops: this worker's share of the decoded photos (stream.build_photo_dataset,
     split equally across workers) loaded onto its device once, then every epoch cut there."""
-    from ce_ray.data.device_crops import DeviceCropper, batches_per_epoch
+    from ce_ray.data.device_crops import epoch_batches
 
     photos = [rgb for b in shard.iter_batches(batch_size=None, batch_format="numpy") for rgb in b["rgb"]]
     start_val()
-    n = batches_per_epoch(len(photos), cfg)
-    if n == 0:
-        raise UserError(
-            f"an epoch yields no full batch per worker: {len(photos)} photos x data.repeat={cfg.data.repeat} crops "
-            f"< data.batch_size={cfg.data.batch_size}; raise data.repeat, lower data.batch_size or scale.num_workers, "
-            "or prepare more photos"
-        )
-    cropper = DeviceCropper(photos, cfg, device, seed)
-    return lambda epoch: (cropper.batch(cfg.data.batch_size) for _ in range(n))
+    return epoch_batches(photos, cfg, device, seed)
 
 
 # --- Driver ---------------------------------------------------------------------------------------
@@ -490,18 +482,7 @@ def train(
         with open(metrics_file) as f:
             summary.history = [json.loads(line) for line in f if line.strip()]
     if handle is not None:
-        try:
-            with result.checkpoint.as_directory() as d:  # downloads when the storage is remote
-                tracking.log_checkpoint(handle, d)
-                summary.model_uri = mlflow_run.register_generator(handle, d, cfg)
-        except Exception as e:  # the store went away or refuses the registry: the training itself is safe
-            tracking.end_run(handle, "FAILED")
-            raise UserError(
-                f"training finished (checkpoint: {summary.checkpoint}) but MLflow at {handle.tracking_uri} could not "
-                f"record it: {type(e).__name__}: {str(e)[:300]}. Once it answers, register the model (and log what it "
-                f"missed) with: {tracking.sync_command(handle)}"
-            ) from e
-        tracking.end_run(handle, "FINISHED")
+        summary.model_uri = mlflow_run.record_final(handle, summary.checkpoint, result.checkpoint.as_directory, cfg)
         summary.mlflow_tracking_uri, summary.mlflow_run_id = handle.tracking_uri, handle.run_id
         summary.mlflow_artifacts = tracking.artifact_dir(handle)
     for line in summary.lines():

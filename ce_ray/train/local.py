@@ -15,6 +15,7 @@ checkpoint, the generator registered).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -75,18 +76,10 @@ class BothTrackers:
 def device_batches(cfg: Config, device: torch.device, seed: int) -> Callable[[int], Iterator[Batch]]:
     """data.device_crops for --local: the train photos decoded once onto `device`, then every
     epoch's crops, flips and holes made there (data/device_crops.py)."""
-    from ce_ray.data.device_crops import DeviceCropper, batches_per_epoch, decode_photos
+    from ce_ray.data.device_crops import decode_photos, epoch_batches
     from ce_ray.data.local_stream import train_photo_bytes
 
-    photos = decode_photos(train_photo_bytes(cfg), cfg)
-    n = batches_per_epoch(len(photos), cfg)
-    if n == 0:
-        raise UserError(
-            f"an epoch yields no full batch: {len(photos)} train photos x data.repeat={cfg.data.repeat} crops < "
-            f"data.batch_size={cfg.data.batch_size}; raise data.repeat, lower data.batch_size, or prepare more photos"
-        )
-    cropper = DeviceCropper(photos, cfg, device, seed)
-    return lambda epoch: (cropper.batch(cfg.data.batch_size) for _ in range(n))
+    return epoch_batches(decode_photos(train_photo_bytes(cfg), cfg), cfg, device, seed)
 
 
 @dataclass
@@ -176,17 +169,8 @@ def train_local(
         )  # cannot happen: the last step always checkpoints
     model_uri = None
     if handle is not None:
-        try:
-            tracking.log_checkpoint(handle, state["checkpoint"])
-            model_uri = mlflow_run.register_generator(handle, state["checkpoint"], cfg)
-        except Exception as e:  # the store went away or refuses the registry: the training itself is safe
-            tracking.end_run(handle, "FAILED")
-            raise UserError(
-                f"training finished (checkpoint: {state['checkpoint']}) but MLflow at {handle.tracking_uri} could "
-                f"not record it: {type(e).__name__}: {str(e)[:300]}. Once it answers, register the model (and log "
-                f"what it missed) with: {tracking.sync_command(handle)}"
-            ) from None
-        tracking.end_run(handle, "FINISHED")
+        ckpt = str(state["checkpoint"])
+        model_uri = mlflow_run.record_final(handle, ckpt, lambda: contextlib.nullcontext(ckpt), cfg)
     return LocalResult(
         run_dir=run_dir,
         checkpoint=state["checkpoint"],

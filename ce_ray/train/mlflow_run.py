@@ -15,6 +15,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,28 @@ MAX_PENDING_FILES = 16  # picture grids kept (copies in a temporary folder) whil
 RETRY_AFTER_S = 10.0
 MAX_RETRY_AFTER_S = 300.0
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
+
+
+def record_final(
+    handle: RunHandle, checkpoint: str, open_dir: Callable[[], AbstractContextManager[str]], cfg: C.Config
+) -> str:
+    """The end of a finished run in MLflow (both drivers): log the final checkpoint (`open_dir()`
+    gives it as a local folder: Ray downloads a remote one), register its generator, end the run
+    FINISHED; returns the model URI. A store that went away or refuses the registry is a UserError
+    naming the one command that records it later: the training itself is safe (`checkpoint`)."""
+    try:
+        with open_dir() as d:
+            tracking.log_checkpoint(handle, d)
+            model_uri = register_generator(handle, d, cfg)
+    except Exception as e:
+        tracking.end_run(handle, "FAILED")
+        raise UserError(
+            f"training finished (checkpoint: {checkpoint}) but MLflow at {handle.tracking_uri} could not "
+            f"record it: {type(e).__name__}: {str(e)[:300]}. Once it answers, register the model (and log what it "
+            f"missed) with: {tracking.sync_command(handle)}"
+        ) from e
+    tracking.end_run(handle, "FINISHED")
+    return model_uri
 
 
 def _permanent(e: Exception) -> bool:

@@ -7,13 +7,14 @@ import torch
 
 from ce_ray import cli
 from ce_ray import config as C
+from ce_ray.fsutil import file_sha256
 from ce_ray.infer import resolve, shipped
 
 
 def test_weights_match_their_checksum_size_and_metadata():
     meta = shipped.read_meta()
     weights = shipped.SHIPPED_DIR / shipped.WEIGHTS_FILE
-    assert shipped.sha256(weights) == meta["sha256"]
+    assert file_sha256(weights) == meta["sha256"]
     assert weights.stat().st_size == meta["bytes"] <= shipped.MAX_BYTES  # <= 25 MiB
     assert meta["format"] == shipped.SHIPPED_FORMAT and meta["dtype"] == "float16"
     cfg = C.from_dict(meta["config"])  # a valid, complete training config
