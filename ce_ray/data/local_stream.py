@@ -19,26 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ce_ray.config import Config
 from ce_ray.data import crops
-from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, shard_files
+from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, open_shard, shard_files
 from ce_ray.errors import UserError
-from ce_ray.fsutil import fs_and_path
 
 DECODE_CHUNK = 16  # photos decoded per crops.train_batch call
 
 
-def _parquet(path: str) -> pq.ParquetFile:
-    fs, p = fs_and_path(path)
-    return pq.ParquetFile(fs.open(p, "rb") if fs is not None else p)
-
-
 def _read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    return _parquet(path).read(columns=columns).slice(start, stop - start)
+    return open_shard(path).read(columns=columns).slice(start, stop - start)
 
 
 @dataclass(frozen=True)
@@ -90,7 +83,7 @@ class LocalTrainStream:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
         self.files = shard_files(cfg.data.shards, "train")
-        self.counts: list[int] = [_parquet(f).metadata.num_rows for f in self.files]  # footer only: cheap
+        self.counts: list[int] = [open_shard(f).metadata.num_rows for f in self.files]  # footer only: cheap
         self.total = sum(self.counts)
         # Equal shares: DDP ranks must run the same number of steps or the last all-reduce hangs.
         self.rows_per_rank = self.total // world_size
@@ -173,7 +166,7 @@ def train_photo_bytes(cfg: Config, rank: int = 0, world_size: int = 1) -> list[b
     files = shard_files(cfg.data.shards, "train")
     rows: list[bytes] = []
     for f in files:
-        rows += _parquet(f).read(columns=[IMAGE_COLUMN]).column(0).to_pylist()
+        rows += open_shard(f).read(columns=[IMAGE_COLUMN]).column(0).to_pylist()
     per_rank = len(rows) // world_size
     return rows[rank * per_rank : (rank + 1) * per_rank]
 
@@ -184,7 +177,7 @@ def val_arrays(cfg: Config) -> tuple[np.ndarray, np.ndarray, list[str]]:
     holes (N,1,S,S), key of each tile)."""
     images, holes, keys, n = [], [], [], 0
     for path in shard_files(cfg.data.shards, "val"):
-        for batch in _parquet(path).iter_batches(batch_size=16, columns=[KEY_COLUMN, IMAGE_COLUMN]):
+        for batch in open_shard(path).iter_batches(batch_size=16, columns=[KEY_COLUMN, IMAGE_COLUMN]):
             for key, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 v = crops.val_samples(data, key, cfg)
                 take = min(len(v["image"]), cfg.data.val_images - n)

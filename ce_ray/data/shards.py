@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ce_ray.errors import UserError
 from ce_ray.fsutil import fs_and_path, is_uri, local_path, write_atomic
@@ -108,3 +109,9 @@ def shard_files(shards: str, split: str) -> list[str]:
         )
         raise UserError(f"no {split} shards: {shards}/{split} holds no .parquet files{extra}; {how}")
     return files
+
+
+def open_shard(path: str) -> pq.ParquetFile:
+    """A shard file, local or in a bucket (fsutil.fs_and_path), for pyarrow's readers."""
+    fs, p = fs_and_path(path)
+    return pq.ParquetFile(fs.open(p, "rb") if fs is not None else p)

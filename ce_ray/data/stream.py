@@ -43,7 +43,7 @@ import numpy as np
 from ce_ray.config import Config
 from ce_ray.data import crops
 from ce_ray.data.images import decode_rgb
-from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, shard_files
+from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, open_shard, shard_files
 from ce_ray.errors import UserError
 
 if TYPE_CHECKING:  # Ray is imported lazily, inside the functions
@@ -191,15 +191,10 @@ def decoded_bytes(cfg: Config) -> int:
     """What the train split takes decoded for the cache: from the shards' width / height columns
     (footer and two int columns: no image is read), each photo at most as large as a JPEG draft
     decode for crops.largest_load_size leaves it (shorter side < 2x that size)."""
-    import pyarrow.parquet as pq
-
-    from ce_ray.fsutil import fs_and_path
-
     cap = 2 * crops.largest_load_size(cfg)
     total = 0
     for f in shard_files(cfg.data.shards, "train"):
-        fs, path = fs_and_path(f)
-        table = pq.read_table(fs.open(path, "rb") if fs is not None else path, columns=["width", "height"])
+        table = open_shard(f).read(columns=["width", "height"])
         w = table.column("width").to_numpy().astype(np.int64)
         h = table.column("height").to_numpy().astype(np.int64)
         shorter = np.minimum(w, h)

@@ -65,14 +65,13 @@ def load_photos(
     """The photos of `data` (a shards folder's val split, or anything prepare reads), shorter side
     `photo_size`, in key order. Returns (photos, skipped files with reasons)."""
     from ce_ray.data import images, prepare
-    from ce_ray.data.local_stream import _parquet
-    from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, is_shards, shard_files
+    from ce_ray.data.shards import IMAGE_COLUMN, KEY_COLUMN, is_shards, open_shard, shard_files
 
     photos: list[Photo] = []
     skipped: list[dict[str, str]] = []
     if is_shards(data):
         for path in shard_files(data, "val"):
-            table = _parquet(path).read(columns=[KEY_COLUMN, IMAGE_COLUMN])
+            table = open_shard(path).read(columns=[KEY_COLUMN, IMAGE_COLUMN])
             for key, blob in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
                 photos.append(Photo(key, _resize(images.decode_rgb(blob), photo_size)))
     else:
